@@ -1,0 +1,186 @@
+"""The attaching process's side: handles in, objects out.
+
+A worker meeting a handle for the first time maps the segment (read-only),
+decodes the object and keeps it in a per-process cache, so the thousandth task
+that uses the same frame pays a dict lookup and a shallow copy
+(``_codec.task_view``: what one task does to its frame is not seen by the next).
+With ``mmap_mode="c"`` each task maps the segment privately instead
+(copy-on-write: writes copy the touched pages, seen by nobody else) and nothing
+is cached.
+
+The cache is bounded in bytes and, before each task, drops the entries whose
+segment the publisher has retired, so a worker never pins memory the parent
+freed for longer than its next task.
+
+Results travel the other way: a worker writes a large result into a segment
+named for the *caller* (so the caller's reaper removes it if the caller dies),
+and the caller maps it privately -- writable, copy-on-write -- and unlinks it
+at once; the memory lives as long as the caller's object does.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from . import _codec, _names, _publication, _segment
+from ._errors import SegmentNotFoundError
+
+_PHYS_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+CACHE_ENV = "SHAREDEXEC_WORKER_CACHE_BYTES"
+
+
+@dataclass(eq=False)
+class _Entry:
+    obj: Any
+    mapping: _segment.Mapping
+    nbytes: int
+
+
+class WorkerCache:
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget if budget is not None else int(os.environ.get(CACHE_ENV, _PHYS_BYTES // 2))
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._boards: dict[str, _segment.Mapping] = {}
+        self.hits = self.misses = 0
+
+    def resolve(self, handle: Handle) -> Any:
+        try:
+            if handle.mmap_mode == "c":
+                return self._decode(handle.name, copy_on_write=True)[0]
+            with self._lock:
+                entry = self._entries.get(handle.name)
+                if entry is not None:
+                    self._entries.move_to_end(handle.name)
+                    self.hits += 1
+                    return _codec.task_view(entry.obj)
+            obj, mapping = self._decode(handle.name, copy_on_write=False)
+            with self._lock:
+                self.misses += 1
+                self._entries[handle.name] = _Entry(obj, mapping, mapping.size)
+                self._evict()
+            return _codec.task_view(obj)
+        except SegmentNotFoundError as exc:
+            raise handle.gone_error() from exc
+        finally:
+            # The segment is mapped (or will never be): the publisher may free
+            # it whenever it likes now.
+            if handle.slot >= 0:
+                self._board(handle.board).view[_segment.ALIGN + handle.slot] = 0
+
+    def _decode(self, name: str, copy_on_write: bool) -> tuple[Any, _segment.Mapping]:
+        mapping = _segment.attach(name, copy_on_write=copy_on_write)
+        # Other segments a table names (buffers shared with an earlier
+        # publication) are mapped with the same access, once per decode.
+        others: dict[str, _segment.Mapping] = {}
+
+        def attach_other(other: str) -> _segment.Mapping:
+            if other not in others:
+                others[other] = _segment.attach(other, copy_on_write=copy_on_write)
+            return others[other]
+
+        return _publication.read(mapping, attach_other), mapping
+
+    def _board(self, name: str) -> _segment.Mapping:
+        board = self._boards.get(name)
+        if board is None:
+            board = self._boards[name] = _segment.attach(name, writable=True)
+        return board
+
+    def _evict(self) -> None:
+        total = sum(e.nbytes for e in self._entries.values())
+        while total > self.budget and len(self._entries) > 1:
+            _, entry = self._entries.popitem(last=False)
+            total -= entry.nbytes
+
+    def sweep(self) -> None:
+        """Drop entries whose publisher retired their segment."""
+        with self._lock:
+            for name in [n for n, e in self._entries.items() if e.mapping.state() == _segment.STATE_RETIRED]:
+                del self._entries[name]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._boards.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What travels in a task instead of a large object (~150 bytes pickled)."""
+
+    name: str
+    mmap_mode: str
+    board: str
+    slot: int
+    publisher: int
+    host: str
+
+    def __reduce__(self):
+        return _resolve, (self.name, self.mmap_mode, self.board, self.slot, self.publisher, self.host)
+
+    def gone_error(self) -> SegmentNotFoundError:
+        if self.host != _names.HOST:
+            cause = (
+                f"this process runs on {_names.HOST}: shared memory does not cross machines. On a "
+                "cluster, send data with the cluster's own mechanism (e.g. Dask's scatter or Ray's "
+                "put) instead of sharedexec"
+            )
+        elif not _names.pid_alive(self.publisher):
+            cause = "the publishing process has exited, and its segments with it"
+        else:
+            cause = (
+                f"it was removed from {_names.shm_dir()} by someone else (a cleanup script, "
+                "`rm /dev/shm/sx_*`, a container restart), or the task outlived its lease"
+            )
+        return SegmentNotFoundError(
+            2,
+            f"cannot rebuild a shared object: segment {self.name}, published by process "
+            f"{self.publisher} on {self.host}, does not exist. Likely cause: {cause}.",
+        )
+
+
+CACHE = WorkerCache()
+
+
+def _resolve(name: str, mmap_mode: str, board: str, slot: int, publisher: int, host: str) -> Any:
+    return CACHE.resolve(Handle(name, mmap_mode, board, slot, publisher, host))
+
+
+def write_result(obj: Any, owner_pid: int) -> _segment.Mapping:
+    """Write a task's result into a new segment owned by ``owner_pid``."""
+    layout, buffers = _codec.encode(obj)
+    raws = [buf.raw() for buf in buffers]
+    mapping, _ = _publication.write(layout, raws, list(range(len(raws))), owner_pid)
+    return mapping
+
+
+def claim_result(name: str) -> Any:
+    """Map a result privately (writable) and unlink it: it is ours alone now."""
+    try:
+        mapping = _segment.attach(name, copy_on_write=True)
+    except SegmentNotFoundError as exc:
+        raise SegmentNotFoundError(
+            2,
+            f"the result of a task was written to shared-memory segment {name}, which no longer "
+            f"exists: it was removed from {_names.shm_dir()} before this process read it.",
+        ) from exc
+    try:
+        return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True))
+    finally:
+        _segment.retire(name)
+
+
+def _new_cache_in_child() -> None:
+    global CACHE
+    CACHE = WorkerCache()
+
+
+os.register_at_fork(after_in_child=_new_cache_in_child)

@@ -1,0 +1,307 @@
+"""Objects <-> a small layout plus raw buffers, and back without copying.
+
+All dtype knowledge of sharedexec lives here. ``encode(obj)`` returns a
+*layout* (pickle protocol 5 bytes, small: no column data) and the list of
+out-of-band buffers holding the data; ``decode(layout, views)`` rebuilds the
+object on top of ``views`` -- memoryviews of a shared segment -- without
+copying a single column.
+
+Why our own reducers instead of ``pickle.dumps(df, protocol=5)``: pandas'
+``__reduce__`` is not zero-copy for most of its arrays (design brief, trap 4).
+datetime64/timedelta64 ndarrays go in-band because the buffer protocol refuses
+their dtype; pandas 3 builds a frame from its arrays and may consolidate
+(copy) them; ``Series(ndarray)`` infers ``str`` from object arrays; the
+Arrow-backed arrays combine their chunks when pickled. So a pickler subclass
+intercepts each pandas / numpy object, whatever its subclass (trap 7,
+GeoDataFrame-like classes come back as themselves), and reduces it to its
+parts: a DataFrame to its blocks and their placement, a block to its array, an
+array to its raw bytes. pyarrow objects pickle themselves zero-copy already.
+
+What ends up where:
+
+* zero-copy (a view of the segment): every numpy bool/int/uint/float/complex,
+  datetime64 and timedelta64 (with or without tz), Period, Categorical codes,
+  masked arrays (data and mask), every Arrow-backed array (pandas 3's ``str``,
+  ``string[pyarrow]``, ``ArrowDtype``), Sparse values and indices, Interval
+  bounds, structured dtypes without objects;
+* once per worker (pickled in-band into the layout, which lives in the segment
+  too, and unpickled when a worker first meets the object): object columns,
+  python-storage strings, anything else without a buffer layout.
+
+Decoding touches each block once: its cost grows with the number of columns,
+not of rows.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+from pandas.core.arrays._mixins import NDArrayBackedExtensionArray
+from pandas.core.arrays.masked import BaseMaskedArray
+
+try:  # pyarrow is optional; pandas' Arrow-backed arrays exist only with it
+    import pyarrow as pa
+    from pandas.core.arrays.arrow import ArrowExtensionArray
+except ImportError:  # pragma: no cover - exercised by the no-pyarrow CI job
+    pa = None
+    ArrowExtensionArray = None
+
+try:  # pandas >= 3.0
+    from pandas.core.internals.api import _make_block
+except ImportError:  # pandas 2.2
+    from pandas.core.internals.api import make_block as _make_block_2
+
+    def _make_block(values, placement):
+        return _make_block_2(values, placement, ndim=2)
+
+
+from pandas.core.internals import BlockManager, SingleBlockManager
+
+PROTOCOL = 5
+
+#: The types the reducer shares when they are large; subclasses included.
+SHAREABLE_TYPES: tuple[type, ...] = (pd.DataFrame, pd.Series, pd.Index, np.ndarray)
+if pa is not None:
+    SHAREABLE_TYPES += (pa.Array, pa.ChunkedArray, pa.RecordBatch, pa.Table)
+
+
+# -- encoding ------------------------------------------------------------------
+
+
+def _frame_state(obj: pd.DataFrame | pd.Series) -> tuple:
+    metadata = {name: getattr(obj, name, None) for name in obj._metadata}
+    return obj.attrs, obj.flags.allows_duplicate_labels, metadata
+
+
+def _reduce_frame(df: pd.DataFrame):
+    mgr = df._mgr
+    blocks = [(blk.values, blk.mgr_locs.as_array) for blk in mgr.blocks]
+    return _rebuild_frame, (type(df), blocks, mgr.axes[1], mgr.axes[0], *_frame_state(df))
+
+
+def _reduce_series(s: pd.Series):
+    return _rebuild_series, (type(s), s._values, s.index, s.name, *_frame_state(s))
+
+
+def _reduce_index(idx: pd.Index):
+    if isinstance(idx, pd.RangeIndex):
+        return NotImplemented  # start/stop/step: pickles small already
+    if isinstance(idx, pd.MultiIndex):
+        return _rebuild_multiindex, (type(idx), list(idx.levels), list(idx.codes), list(idx.names), idx.sortorder)
+    # pandas 3 keeps a DatetimeIndex's freq on the index, pandas 2 on its array.
+    return _rebuild_index, (type(idx), idx._values, idx.name, getattr(idx, "freq", None))
+
+
+def _reduce_ndarray(arr: np.ndarray):
+    if arr.dtype.hasobject:
+        return NotImplemented  # in-band: unpickled once per worker
+    if arr.flags.c_contiguous:
+        order = "C"
+    elif arr.flags.f_contiguous:
+        order = "F"  # pandas' 2-D blocks are column-major: keep them as they are
+    else:
+        arr, order = np.ascontiguousarray(arr), "C"
+    # A uint8 view: the buffer protocol refuses datetime64/timedelta64, and
+    # this keeps the exact bytes of any dtype, big-endian included.
+    raw = arr.ravel(order="K").view(np.uint8)
+    return _rebuild_ndarray, (pickle.PickleBuffer(raw), arr.dtype, arr.shape, order)
+
+
+def _reduce_ndarray_backed(arr: NDArrayBackedExtensionArray):
+    # Datetime, Timedelta, Period, Categorical (codes), NumpyExtensionArray.
+    return _rebuild_ndarray_backed, (type(arr), arr._ndarray, arr.dtype, getattr(arr, "_freq", None))
+
+
+def _reduce_masked(arr: BaseMaskedArray):
+    return _rebuild_masked, (type(arr), arr._data, arr._mask)
+
+
+def _reduce_arrow_backed(arr):
+    # pandas' own __getstate__ combines the chunks (a copy): keep them.
+    state = {k: v for k, v in arr.__dict__.items() if k != "_cache"}
+    return _rebuild_from_state, (type(arr), state)
+
+
+_HANDLERS: list[tuple[type, Callable]] = [
+    (pd.DataFrame, _reduce_frame),
+    (pd.Series, _reduce_series),
+    (pd.Index, _reduce_index),
+    (np.ndarray, _reduce_ndarray),
+    (NDArrayBackedExtensionArray, _reduce_ndarray_backed),
+    (BaseMaskedArray, _reduce_masked),
+]
+if ArrowExtensionArray is not None:
+    _HANDLERS.append((ArrowExtensionArray, _reduce_arrow_backed))
+
+_handler_cache: dict[type, Callable | None] = {}
+
+
+def _handler_for(cls: type) -> Callable | None:
+    try:
+        return _handler_cache[cls]
+    except KeyError:
+        pass
+    handler = None
+    for base, candidate in _HANDLERS:
+        if issubclass(cls, base):
+            # numpy subclasses (np.matrix, np.ma) carry their own semantics:
+            # only plain arrays and memmaps are reduced to raw bytes.
+            if base is np.ndarray and cls not in (np.ndarray, np.memmap):
+                break
+            handler = candidate
+            break
+    _handler_cache[cls] = handler
+    return handler
+
+
+class _Encoder(pickle.Pickler):
+    def reducer_override(self, obj: Any):
+        handler = _handler_for(type(obj))
+        return NotImplemented if handler is None else handler(obj)
+
+
+def encode(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """``obj`` as (layout, out-of-band buffers). The buffers are views of
+    ``obj``'s own memory (or of a contiguous copy, for strided arrays)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Encoder(stream, protocol=PROTOCOL, buffer_callback=buffers.append).dump(obj)
+    return stream.getvalue(), buffers
+
+
+def decode(layout: bytes | memoryview, views: list[memoryview]) -> Any:
+    """Rebuild the object from its layout on top of ``views`` (one per buffer,
+    in order). Arrays are views of ``views``: read-only if they are."""
+    return pickle.loads(layout, buffers=views)
+
+
+# -- decoding (module-level functions: spawn and forkserver workers import them)
+
+
+def _rebuild_ndarray(buf, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+    count = math.prod(shape)
+    flat = np.frombuffer(buf, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+    return flat.reshape(shape, order=order)
+
+
+def _rebuild_ndarray_backed(cls, ndarray, dtype, freq):
+    arr = cls._simple_new(ndarray, dtype=dtype)
+    if freq is not None:
+        arr._freq = freq
+    return arr
+
+
+def _rebuild_masked(cls, data, mask):
+    return cls._simple_new(data, mask)
+
+
+def _rebuild_from_state(cls, state):
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def _restore_frame_state(obj, attrs, allows_duplicate_labels, metadata):
+    if attrs:
+        obj.attrs = attrs
+    for name, value in metadata.items():
+        object.__setattr__(obj, name, value)
+    if not allows_duplicate_labels:
+        obj.flags.allows_duplicate_labels = False
+    return obj
+
+
+def _rebuild_frame(cls, blocks, index, columns, attrs, allows_duplicate_labels, metadata):
+    with warnings.catch_warnings():
+        # pandas 2.2 flags make_block as internal API; it is the zero-copy path
+        # (pyarrow's to_pandas uses the same one for the same reason).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mgr = BlockManager(tuple(_make_block(values, placement) for values, placement in blocks), [columns, index])
+    return _restore_frame_state(cls._from_mgr(mgr, mgr.axes), attrs, allows_duplicate_labels, metadata)
+
+
+def _rebuild_series(cls, values, index, name, attrs, allows_duplicate_labels, metadata):
+    mgr = SingleBlockManager.from_array(values, index)
+    series = cls._from_mgr(mgr, mgr.axes)
+    series.name = name
+    return _restore_frame_state(series, attrs, allows_duplicate_labels, metadata)
+
+
+def _rebuild_index(cls, values, name, freq):
+    idx = cls._simple_new(values, name=name)
+    if freq is not None and idx.freq != freq:
+        idx._freq = freq
+    return idx
+
+
+def _rebuild_multiindex(cls, levels, codes, names, sortorder):
+    return cls(levels=levels, codes=codes, names=names, sortorder=sortorder, verify_integrity=False)
+
+
+# -- what the registry and the worker cache ask of an object -------------------
+
+
+def is_shareable(obj: Any) -> bool:
+    return isinstance(obj, SHAREABLE_TYPES)
+
+
+def nbytes(obj: Any) -> int:
+    """The bytes an object's data occupies, cheaply (no deep object sizes)."""
+    if isinstance(obj, pd.DataFrame):
+        return sum(blk.values.nbytes for blk in obj._mgr.blocks) + obj.index.nbytes
+    if isinstance(obj, pd.Series):
+        return obj.nbytes + obj.index.nbytes
+    return int(obj.nbytes)
+
+
+def fingerprint(obj: Any) -> tuple[tuple, tuple]:
+    """What must not change for a published object to be reused:
+    ``(identities, values)``, compared with ``is`` and ``==`` respectively.
+
+    Identities are the frame's manager, its block arrays and its axes: a
+    replaced or added column, a reassigned index or an in-place structural
+    operation changes one of them. Values written in place into an existing
+    array change none of them (see docs: semantics)."""
+    if isinstance(obj, pd.DataFrame):
+        mgr = obj._mgr
+        idents = (mgr, mgr.blocks, *(blk.values for blk in mgr.blocks), *mgr.axes)
+        return idents, (obj.attrs, obj.flags.allows_duplicate_labels)
+    if isinstance(obj, pd.Series):
+        return (obj._mgr, obj._values, obj.index), (obj.name, obj.attrs)
+    if isinstance(obj, pd.Index):
+        return (), (obj.names,)
+    if isinstance(obj, np.ndarray):
+        return (), (obj.shape, obj.strides, obj.dtype)
+    return (), ()  # pyarrow objects are immutable
+
+
+def same_fingerprint(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
+    idents_a, values_a = a
+    idents_b, values_b = b
+    if len(idents_a) != len(idents_b) or any(x is not y for x, y in zip(idents_a, idents_b)):
+        return False
+    try:
+        return bool(values_a == values_b)
+    except (TypeError, ValueError):  # attrs holding arrays: compare as changed
+        return False
+
+
+def task_view(obj: Any) -> Any:
+    """A new, shallow object over the same data, so that whatever one task
+    does to its object (add, drop or replace columns, rename an axis, set
+    ``attrs``) is never seen by another task in the same worker."""
+    if isinstance(obj, (pd.DataFrame, pd.Series)):
+        view = obj.copy(deep=False)
+        view.index = obj.index.view()
+        if isinstance(obj, pd.DataFrame):
+            view.columns = obj.columns.view()
+        return view
+    if isinstance(obj, (pd.Index, np.ndarray)):
+        return obj.view()
+    return obj  # pyarrow objects are immutable

@@ -1,0 +1,74 @@
+"""How an encoded object is laid out in a segment, and read back.
+
+A publication is one segment holding the buffers of one object that were not
+already in shared memory, then its *table* and *layout* pickled together::
+
+    table  = [(segment name or "" for this one, offset, nbytes), ...]  one per buffer
+    layout = the codec's pickle of the object, buffers out of band
+
+Table entries that name another segment let a derived frame (``df.assign``,
+a column subset) point at the buffers an earlier publication already holds
+instead of copying them again (vineyard#503). The publisher keeps those
+segments alive while this one lives.
+
+Sizes in the table are checked against the real size of each segment before
+any view is made: a corrupt or hostile table never reads out of bounds.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Callable
+
+from . import _codec, _segment
+from ._errors import SegmentCorruptError
+
+Ref = tuple[str, int, int]
+
+
+def write(
+    layout: bytes,
+    new_buffers: list[memoryview],
+    refs: list[Ref | int],
+    owner_pid: int,
+) -> tuple[_segment.Mapping, list[Ref]]:
+    """Create a segment holding ``new_buffers`` and the object's table.
+
+    ``refs`` has one item per buffer of the object, in order: a ``Ref`` into
+    another segment, or the index of the buffer in ``new_buffers``. Returns the
+    mapping and, for each new buffer, where it was placed."""
+    offsets, end = [], 0
+    for buf in new_buffers:
+        offsets.append(end)
+        end = _segment.align(end + buf.nbytes)
+    base = _segment.ALIGN
+    table = [ref if isinstance(ref, tuple) else ("", base + offsets[ref], new_buffers[ref].nbytes) for ref in refs]
+    payload = pickle.dumps((table, layout), protocol=pickle.HIGHEST_PROTOCOL)
+    mapping = _segment.create(end, len(payload), owner_pid)
+    try:
+        _segment.copy_buffers(mapping.view, [(base + off, buf) for off, buf in zip(offsets, new_buffers)])
+        mapping.view[mapping.layout_offset : mapping.layout_offset + len(payload)] = payload
+    except BaseException:
+        _segment.retire(mapping.name)
+        raise
+    placed = [(mapping.name, base + off, buf.nbytes) for off, buf in zip(offsets, new_buffers)]
+    return mapping, placed
+
+
+def read(mapping: _segment.Mapping, attach: Callable[[str], _segment.Mapping]) -> Any:
+    """Decode the object published in ``mapping``; ``attach(name)`` maps the
+    other segments its table names (with the same access)."""
+    try:
+        table, layout = pickle.loads(mapping.layout())
+    except Exception as exc:
+        raise SegmentCorruptError(f"segment {mapping.name} has an unreadable layout: {exc}") from exc
+    views = []
+    for name, offset, nbytes in table:
+        target = mapping if name == "" else attach(name)
+        if offset < _segment.ALIGN or nbytes < 0 or offset + nbytes > target.layout_offset:
+            raise SegmentCorruptError(
+                f"segment {mapping.name} names bytes {offset}..{offset + nbytes} of segment "
+                f"{target.name}, outside its {target.layout_offset - _segment.ALIGN} bytes of buffers"
+            )
+        views.append(target.view[offset : offset + nbytes])
+    return _codec.decode(layout, views)

@@ -1,0 +1,119 @@
+"""The reaper: a tiny process that unlinks a process's segments when it dies.
+
+Why not the stdlib resource tracker? One tracker serves a whole process tree
+(every pool worker holds its pipe), so it cleans up only when the *last* worker
+has exited -- and stdlib pool workers never notice that their parent was
+SIGKILLed: they block on the call queue forever, and the segments with them
+(design brief, trap 11). It also cannot delete file-backed segments, and
+attaching processes must not talk to it at all (gh-82300).
+
+The reaper is one child per publishing process, started at the first segment
+it owns. It holds the only read end of a pipe whose only write end stays in
+that process: forked children close their copy (``register_at_fork``), spawned
+ones never inherit it. When the process exits -- normally, by exception or by
+SIGKILL -- the reaper reads EOF and unlinks every segment whose name carries
+that pid, in each directory it was told about. That includes results that
+workers created on the process's behalf, since those are named for their
+owner too. It sweeps again a few seconds later, for a result a worker was still
+writing when the owner died (workers exit within a fraction of a second of
+their parent's death, see ``_worker.watch_parent``).
+
+Run as a script, not as ``-m sharedexec._reaper``, so that the process that
+only waits imports neither the package nor pandas.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+_SWEEP_DELAYS = (0.0, 1.0, 3.0)
+
+_lock = threading.Lock()
+_pipe_w: int | None = None
+_told_dirs: set[str] = set()
+
+
+def watch(directory: str) -> None:
+    """Make sure this process has a reaper that will clean ``directory``."""
+    global _pipe_w
+    with _lock:
+        if _pipe_w is not None and directory in _told_dirs:
+            return
+        for _ in range(2):
+            if _pipe_w is None:
+                _pipe_w = _spawn()
+                _told_dirs.clear()
+            try:
+                os.write(_pipe_w, directory.encode() + b"\n")
+                _told_dirs.add(directory)
+                return
+            except BrokenPipeError:  # someone killed our reaper: start another
+                os.close(_pipe_w)
+                _pipe_w = None
+        raise OSError("could not start the sharedexec reaper process")
+
+
+def _spawn() -> int:
+    read_end, write_end = os.pipe()  # both non-inheritable (PEP 446)
+    devnull = os.devnull
+    try:
+        os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid())],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, read_end, 3),
+                (os.POSIX_SPAWN_OPEN, 0, devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, devnull, os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 2, devnull, os.O_WRONLY, 0),
+            ],
+            # Its own session: a Ctrl-C or a signal sent to our process group
+            # must not kill the reaper before it has cleaned up after us.
+            setsid=True,
+        )
+    finally:
+        os.close(read_end)
+    return write_end
+
+
+def _forget_in_child() -> None:
+    # A forked child must not keep the pipe open: the reaper would then wait
+    # for the child's death too. The child gets its own reaper if it publishes.
+    global _pipe_w, _lock
+    if _pipe_w is not None:
+        os.close(_pipe_w)
+    _pipe_w, _lock = None, threading.Lock()
+    _told_dirs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _main(owner_pid: int) -> None:
+    import signal
+    import time
+
+    from _names import remove_owned_by
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    directories: set[str] = set()
+    pending = b""
+    while True:
+        chunk = os.read(3, 4096)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        directories.update(line.decode() for line in lines if line)
+    start = time.monotonic()
+    for delay in _SWEEP_DELAYS:
+        time.sleep(max(0.0, start + delay - time.monotonic()))
+        for directory in directories:
+            remove_owned_by(owner_pid, directory)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _main(int(sys.argv[1]))

@@ -1,0 +1,86 @@
+"""``sharedexec.ProcessPoolExecutor``: the stdlib executor, sharing large arguments.
+
+Everything but ``submit`` is the stdlib's own code. ``submit`` wraps the
+callable in a :class:`~sharedexec._sharing.SharedTask`, so that the executor's
+queue feeder, pickling the call item, turns large frames into handles; and it
+ends the task's leases when its future completes, fails or is cancelled.
+``map`` goes through ``submit`` (one task per chunk) and so shares too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable
+
+from . import _registry, _worker
+from ._sharing import Options, SharedTask, install_hooks
+
+
+def _initialize_worker(initializer: Callable | None, initargs: tuple) -> None:
+    # Start the parent watcher in every worker, even one that never runs a
+    # task: an orphaned worker must not outlive its parent (brief, trap 11).
+    _worker.watch_parent()
+    if initializer is not None:
+        initializer(*initargs)
+
+
+class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
+    """A drop-in :class:`concurrent.futures.ProcessPoolExecutor` that sends
+    large DataFrames, Series, Indexes, numpy arrays and Arrow objects to its
+    workers through shared memory, once, instead of pickling them into every
+    task; and brings large results back the same way.
+
+    The positional and keyword arguments are the stdlib's. Sharing options
+    (keyword-only):
+
+    min_bytes
+        Objects at least this large (default 1 MiB, as joblib) are shared;
+        smaller ones are pickled as usual.
+    mmap_mode
+        ``"r"`` (default): workers see the data read-only, and a write into
+        it raises :class:`sharedexec.SharedReadOnlyError`. ``"c"``: each task
+        gets private copy-on-write views; its writes are seen by nobody else.
+    on_full
+        What to do when the shared-memory directory has no room:
+        ``"fallback"`` (default) pickles that object as the stdlib would, with
+        one :class:`sharedexec.SharedExecWarning`; ``"raise"`` fails the task
+        with :class:`sharedexec.SharedMemoryFullError`.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable | None = None,
+        initargs: tuple = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        min_bytes: int = 1 << 20,
+        mmap_mode: str = "r",
+        on_full: str = "fallback",
+    ) -> None:
+        self._sharing = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full)
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        install_hooks()
+        super().__init__(
+            max_workers,
+            mp_context,
+            _initialize_worker,
+            (initializer, initargs),
+            max_tasks_per_child=max_tasks_per_child,
+        )
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        leases: list[int] = []
+        future = super().submit(SharedTask(fn, self._sharing, leases), *args, **kwargs)
+        future.add_done_callback(lambda _: _registry.REGISTRY.end_leases(leases))
+        return future
+
+    submit.__doc__ = concurrent.futures.ProcessPoolExecutor.submit.__doc__
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        _registry.REGISTRY.collect()
+
+    shutdown.__doc__ = concurrent.futures.ProcessPoolExecutor.shutdown.__doc__
