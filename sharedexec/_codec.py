@@ -34,9 +34,11 @@ not of rows.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import pickle
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -79,17 +81,23 @@ def _frame_state(obj: pd.DataFrame | pd.Series) -> tuple:
     return obj.attrs, obj.flags.allows_duplicate_labels, metadata
 
 
-def _reduce_frame(df: pd.DataFrame):
+def _placement(locs) -> slice | np.ndarray:
+    return locs.as_slice if locs.is_slice_like else locs.as_array
+
+
+def _reduce_frame(df: pd.DataFrame, enc: _Encoder):
     mgr = df._mgr
-    blocks = [(blk.values, blk.mgr_locs.as_array) for blk in mgr.blocks]
+    # A block's placement as a slice when it is one (most are): the layout
+    # stays a few bytes per block instead of an array buffer per block.
+    blocks = [(blk.values, _placement(blk.mgr_locs)) for blk in mgr.blocks]
     return _rebuild_frame, (type(df), blocks, mgr.axes[1], mgr.axes[0], *_frame_state(df))
 
 
-def _reduce_series(s: pd.Series):
+def _reduce_series(s: pd.Series, enc: _Encoder):
     return _rebuild_series, (type(s), s._values, s.index, s.name, *_frame_state(s))
 
 
-def _reduce_index(idx: pd.Index):
+def _reduce_index(idx: pd.Index, enc: _Encoder):
     if isinstance(idx, pd.RangeIndex):
         return NotImplemented  # start/stop/step: pickles small already
     if isinstance(idx, pd.MultiIndex):
@@ -98,7 +106,7 @@ def _reduce_index(idx: pd.Index):
     return _rebuild_index, (type(idx), idx._values, idx.name, getattr(idx, "freq", None))
 
 
-def _reduce_ndarray(arr: np.ndarray):
+def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
     if arr.dtype.hasobject:
         return NotImplemented  # in-band: unpickled once per worker
     if arr.flags.c_contiguous:
@@ -110,19 +118,25 @@ def _reduce_ndarray(arr: np.ndarray):
     # A uint8 view: the buffer protocol refuses datetime64/timedelta64, and
     # this keeps the exact bytes of any dtype, big-endian included.
     raw = arr.ravel(order="K").view(np.uint8)
-    return _rebuild_ndarray, (pickle.PickleBuffer(raw), arr.dtype, arr.shape, order)
+    return _rebuild_ndarray, (enc.out_of_band(raw), arr.dtype, arr.shape, order)
 
 
-def _reduce_ndarray_backed(arr: NDArrayBackedExtensionArray):
+def _reduce_arrow_buffer(buf, enc: _Encoder):
+    # pyarrow pickles every array down to its pa.Buffer objects, and those to
+    # PickleBuffers: taking them here puts them in the same numbered list.
+    return _rebuild_arrow_buffer, (enc.out_of_band(buf),)
+
+
+def _reduce_ndarray_backed(arr: NDArrayBackedExtensionArray, enc: _Encoder):
     # Datetime, Timedelta, Period, Categorical (codes), NumpyExtensionArray.
     return _rebuild_ndarray_backed, (type(arr), arr._ndarray, arr.dtype, getattr(arr, "_freq", None))
 
 
-def _reduce_masked(arr: BaseMaskedArray):
+def _reduce_masked(arr: BaseMaskedArray, enc: _Encoder):
     return _rebuild_masked, (type(arr), arr._data, arr._mask)
 
 
-def _reduce_arrow_backed(arr):
+def _reduce_arrow_backed(arr, enc: _Encoder):
     # pandas' own __getstate__ combines the chunks (a copy): keep them.
     state = {k: v for k, v in arr.__dict__.items() if k != "_cache"}
     return _rebuild_from_state, (type(arr), state)
@@ -138,6 +152,7 @@ _HANDLERS: list[tuple[type, Callable]] = [
 ]
 if ArrowExtensionArray is not None:
     _HANDLERS.append((ArrowExtensionArray, _reduce_arrow_backed))
+    _HANDLERS.append((pa.Buffer, _reduce_arrow_buffer))
 
 _handler_cache: dict[type, Callable | None] = {}
 
@@ -161,33 +176,84 @@ def _handler_for(cls: type) -> Callable | None:
 
 
 class _Encoder(pickle.Pickler):
+    """Numbers the buffers itself instead of pickle's ``buffer_callback``:
+    pickle marks a buffer that was read-only when pickled (READONLY_BUFFER)
+    and the unpickler then hands out a read-only view whatever the memory
+    given back is. A read-only source (an array under pandas 3's
+    copy-on-write, ``Series.values``, a frame built on a shared one) would
+    then come back read-only from a copy-on-write mapping too. With our own
+    numbering, a decoded array is exactly as writable as ``views`` are.
+    PickleBuffers of objects we do not reduce (numpy subclasses) go in-band."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=PROTOCOL)
+        self.buffers: list[pickle.PickleBuffer] = []
+        self._numbers: dict[tuple[int, int], int] = {}
+
+    def out_of_band(self, data: np.ndarray | pa.Buffer) -> int:
+        """The number of ``data`` (a contiguous uint8 ndarray or a pa.Buffer)
+        among the buffers. The same memory met again through another object
+        (pyarrow wraps each buffer in a new pa.Buffer whenever an array is
+        pickled; a dictionary shared by chunks; two views of one array) gets
+        the same number: it is copied once and stays shared once decoded."""
+        if isinstance(data, np.ndarray):
+            key = (data.__array_interface__["data"][0], data.nbytes)
+        else:
+            key = (data.address, data.size)
+        number = self._numbers.get(key)
+        if number is None:
+            number = self._numbers[key] = len(self.buffers)
+            self.buffers.append(pickle.PickleBuffer(data))
+        return number
+
     def reducer_override(self, obj: Any):
         handler = _handler_for(type(obj))
-        return NotImplemented if handler is None else handler(obj)
+        return NotImplemented if handler is None else handler(obj, self)
 
 
 def encode(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """``obj`` as (layout, out-of-band buffers). The buffers are views of
     ``obj``'s own memory (or of a contiguous copy, for strided arrays)."""
-    buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
-    _Encoder(stream, protocol=PROTOCOL, buffer_callback=buffers.append).dump(obj)
-    return stream.getvalue(), buffers
+    encoder = _Encoder(stream)
+    encoder.dump(obj)
+    return stream.getvalue(), encoder.buffers
+
+
+# The views of the decode running in this thread: rebuild functions find their
+# buffer by number here (see _Encoder for why not pickle's ``buffers=``).
+_decoding = threading.local()
 
 
 def decode(layout: bytes | memoryview, views: list[memoryview]) -> Any:
     """Rebuild the object from its layout on top of ``views`` (one per buffer,
-    in order). Arrays are views of ``views``: read-only if they are."""
-    return pickle.loads(layout, buffers=views)
+    in order). Arrays are views of ``views``: writable exactly if they are."""
+    outer = getattr(_decoding, "views", None)
+    _decoding.views = views
+    try:
+        return pickle.loads(layout)
+    finally:
+        _decoding.views = outer
+
+
+def _view(index: int) -> memoryview:
+    views = _decoding.views
+    if views is None:
+        raise RuntimeError("sharedexec layouts are read with _codec.decode, not pickle.loads")
+    return views[index]
 
 
 # -- decoding (module-level functions: spawn and forkserver workers import them)
 
 
-def _rebuild_ndarray(buf, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
     count = math.prod(shape)
-    flat = np.frombuffer(buf, dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+    flat = np.frombuffer(_view(index), dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
     return flat.reshape(shape, order=order)
+
+
+def _rebuild_arrow_buffer(index: int):
+    return pa.py_buffer(_view(index))
 
 
 def _rebuild_ndarray_backed(cls, ndarray, dtype, freq):
@@ -260,24 +326,41 @@ def nbytes(obj: Any) -> int:
     return int(obj.nbytes)
 
 
+def _axis_state(axis: pd.Index) -> tuple:
+    # Names and freq are set on the Index object in place (``df.index.name =``,
+    # ``df.index.freq = "D"``, statsmodels' idiom): its identity alone misses them.
+    return tuple(axis.names), getattr(axis, "freq", None)
+
+
+def _state_values(obj: pd.DataFrame | pd.Series) -> tuple:
+    # attrs deep-copied: a fingerprint holding the live dict would equal the
+    # frame's attrs after any in-place change (``df.attrs["unit"] = "m"``).
+    # pandas deep-copies attrs on every operation, so they are small.
+    metadata = tuple(getattr(obj, name, None) for name in obj._metadata)
+    return copy.deepcopy(obj.attrs), obj.flags.allows_duplicate_labels, metadata
+
+
 def fingerprint(obj: Any) -> tuple[tuple, tuple]:
     """What must not change for a published object to be reused:
     ``(identities, values)``, compared with ``is`` and ``==`` respectively.
 
     Identities are the frame's manager, its block arrays and its axes: a
     replaced or added column, a reassigned index or an in-place structural
-    operation changes one of them. Values written in place into an existing
-    array change none of them (see docs: semantics)."""
+    operation changes one of them. Values are what can change in place on
+    those same objects: axis names and freq, attrs, flags, ``_metadata``.
+    Values written in place into an existing array change none of them (see
+    docs: semantics)."""
     if isinstance(obj, pd.DataFrame):
         mgr = obj._mgr
         idents = (mgr, mgr.blocks, *(blk.values for blk in mgr.blocks), *mgr.axes)
-        return idents, (obj.attrs, obj.flags.allows_duplicate_labels)
+        return idents, (*_state_values(obj), _axis_state(obj.index), _axis_state(obj.columns))
     if isinstance(obj, pd.Series):
-        return (obj._mgr, obj._values, obj.index), (obj.name, obj.attrs)
+        return (obj._mgr, obj._values, obj.index), (obj.name, *_state_values(obj), _axis_state(obj.index))
     if isinstance(obj, pd.Index):
-        return (), (obj.names,)
+        return (), _axis_state(obj)
     if isinstance(obj, np.ndarray):
-        return (), (obj.shape, obj.strides, obj.dtype)
+        # ndarray.resize() reallocates in place: the address says so.
+        return (), (obj.shape, obj.strides, obj.dtype, obj.__array_interface__["data"][0])
     return (), ()  # pyarrow objects are immutable
 
 
@@ -292,16 +375,30 @@ def same_fingerprint(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
         return False
 
 
+def _axis_view(axis: pd.Index) -> pd.Index:
+    view = axis.view()
+    values = getattr(axis, "_data", None)
+    if getattr(values, "_freq", None) is not None and getattr(view, "_data", None) is values:
+        # pandas 2 keeps a DatetimeIndex's freq on its array, which Index.view()
+        # shares: ``view.index.freq = None`` would reach the cached frame.
+        data = values._from_backing_data(values._ndarray)
+        data._freq = values._freq
+        view = type(axis)._simple_new(data, name=axis.name)
+    return view
+
+
 def task_view(obj: Any) -> Any:
     """A new, shallow object over the same data, so that whatever one task
-    does to its object (add, drop or replace columns, rename an axis, set
-    ``attrs``) is never seen by another task in the same worker."""
+    does to its object (add, drop or replace columns, rename an axis, set its
+    freq, set ``attrs``) is never seen by another task in the same worker."""
     if isinstance(obj, (pd.DataFrame, pd.Series)):
         view = obj.copy(deep=False)
-        view.index = obj.index.view()
+        view.index = _axis_view(obj.index)
         if isinstance(obj, pd.DataFrame):
-            view.columns = obj.columns.view()
+            view.columns = _axis_view(obj.columns)
         return view
-    if isinstance(obj, (pd.Index, np.ndarray)):
+    if isinstance(obj, pd.Index):
+        return _axis_view(obj)
+    if isinstance(obj, np.ndarray):
         return obj.view()
     return obj  # pyarrow objects are immutable

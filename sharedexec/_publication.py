@@ -37,21 +37,11 @@ def write(
     ``refs`` has one item per buffer of the object, in order: a ``Ref`` into
     another segment, or the index of the buffer in ``new_buffers``. Returns the
     mapping and, for each new buffer, where it was placed."""
-    offsets, end = [], 0
-    for buf in new_buffers:
-        offsets.append(end)
-        end = _segment.align(end + buf.nbytes)
-    base = _segment.ALIGN
-    table = [ref if isinstance(ref, tuple) else ("", base + offsets[ref], new_buffers[ref].nbytes) for ref in refs]
+    offsets, _ = _segment.offsets_for([buf.nbytes for buf in new_buffers])
+    table = [ref if isinstance(ref, tuple) else ("", offsets[ref], new_buffers[ref].nbytes) for ref in refs]
     payload = pickle.dumps((table, layout), protocol=pickle.HIGHEST_PROTOCOL)
-    mapping = _segment.create(end, len(payload), owner_pid)
-    try:
-        _segment.copy_buffers(mapping.view, [(base + off, buf) for off, buf in zip(offsets, new_buffers)])
-        mapping.view[mapping.layout_offset : mapping.layout_offset + len(payload)] = payload
-    except BaseException:
-        _segment.retire(mapping.name)
-        raise
-    placed = [(mapping.name, base + off, buf.nbytes) for off, buf in zip(offsets, new_buffers)]
+    mapping = _segment.create(new_buffers, payload, owner_pid)
+    placed = [(mapping.name, off, buf.nbytes) for off, buf in zip(offsets, new_buffers)]
     return mapping, placed
 
 

@@ -80,7 +80,7 @@ class _Board:
     """The lease board: one byte per outstanding lease, cleared by workers."""
 
     def __init__(self, owner_pid: int):
-        self.mapping = _segment.create(BOARD_SLOTS, 0, owner_pid)
+        self.mapping = _segment.create([memoryview(bytes(BOARD_SLOTS))], b"", owner_pid)
         self._mm = self.mapping.view.obj
         self._cursor = 0
 

@@ -31,6 +31,7 @@ Names, and finding segments by owner, are in :mod:`sharedexec._names`.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -62,10 +63,19 @@ STATE_OFFSET = 12
 assert HEADER.size <= ALIGN
 
 
-# Copies larger than this are split over two threads: numpy releases the GIL
-# while copying, and one thread alone does not saturate memory bandwidth.
+# Segments larger than this are filled by two threads (see _fill).
 _PARALLEL_COPY_BYTES = 64 << 20
-_COPY_CHUNK = 16 << 20
+_COPY_CHUNK = 64 << 20
+_PAGE = mmap.PAGESIZE
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _madvise(address: int, length: int, advice: int) -> None:
+    # Through ctypes, not mmap.madvise: ctypes releases the GIL for the call,
+    # so the two filling threads fault their pages in at the same time.
+    _libc.madvise(address, length, advice)  # a failure only means first-touch faults
 _copy_pool: ThreadPoolExecutor | None = None
 _copy_pool_lock = threading.Lock()
 
@@ -129,58 +139,56 @@ def _path(name: str, directory: str | None = None) -> str:
     return os.path.join(directory or shm_dir(), name)
 
 
+def offsets_for(sizes: list[int]) -> tuple[list[int], int]:
+    """Where buffers of these sizes go in a segment, and where the layout goes."""
+    offsets, end = [], ALIGN
+    for size in sizes:
+        offsets.append(end)
+        end = align(end + size)
+    return offsets, end
+
+
 def create(
-    buffers_size: int,
-    layout_size: int,
+    buffers: list[memoryview],
+    layout: bytes,
     owner_pid: int,
     directory: str | None = None,
 ) -> Mapping:
-    """Create a segment with room for ``buffers_size`` bytes of aligned buffers
-    followed by a ``layout_size``-byte layout, reserve its memory and map it.
+    """Create a segment holding ``buffers`` at the offsets ``offsets_for``
+    gives, followed by ``layout``, and return the creator's mapping.
 
-    Raises :class:`SharedMemoryFullError` (never SIGBUS) when the directory has
-    no room.
+    Every page is reserved with ``posix_fallocate`` before it is touched, so a
+    directory without room raises :class:`SharedMemoryFullError` -- never
+    SIGBUS (cpython#114390) -- and nothing is left behind.
     """
     directory = directory or shm_dir()
-    layout_offset = ALIGN + align(buffers_size)
-    size = layout_offset + layout_size
-    free, _ = free_bytes(directory)
-    if size > free:
-        raise _full_error(size, directory)
-    name = new_name(owner_pid)
-    path = os.path.join(directory, name)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileNotFoundError:
+    offsets, layout_offset = offsets_for([buf.nbytes for buf in buffers])
+    size = layout_offset + len(layout)
+    if not os.path.isdir(directory):
         raise SharedMemoryError(
             errno.ENOENT,
             f"cannot create shared memory in {directory!r}: no such directory. "
             f"Set {DIR_ENV} to an existing directory (a tmpfs is fastest).",
-        ) from None
+        )
+    free, _ = free_bytes(directory)
+    if size > free:
+        raise _full_error(size, directory)
+    path = os.path.join(directory, new_name(owner_pid))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        try:
-            # Reserve every page now: on a tmpfs this both fails cleanly when
-            # there is no room and faults the pages in faster than first-touch.
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise _full_error(size, directory) from None
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            os.ftruncate(fd, size)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mm = mmap.mmap(fd, size, flags=flags)
+        os.ftruncate(fd, size)
+        view = memoryview(mmap.mmap(fd, size))
+        placed = [(0, memoryview(bytes(ALIGN))), *zip(offsets, buffers), (layout_offset, memoryview(layout))]
+        _fill(fd, view, placed, directory)
     except BaseException:
-        os.close(fd)
         unlink_path(path)
         raise
-    os.close(fd)
-    view = memoryview(mm)
+    finally:
+        os.close(fd)
     HEADER.pack_into(
-        view, 0, MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, layout_size,
-        os.getpid(), owner_pid, 0,
+        view, 0, MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, 0
     )
-    return Mapping(name, size, view, layout_offset, layout_size)
+    return Mapping(os.path.basename(path), size, view, layout_offset, len(layout))
 
 
 def attach(
@@ -254,18 +262,44 @@ def _reset_copy_pool_in_child() -> None:
 os.register_at_fork(after_in_child=_reset_copy_pool_in_child)
 
 
-def copy_buffers(dest: memoryview, placed: list[tuple[int, memoryview]]) -> None:
-    """Copy each ``(offset, source)`` into ``dest``, on two threads for large totals."""
-    target = np.frombuffer(dest, dtype=np.uint8)
+def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], directory: str) -> None:
+    """Reserve, fault in and copy each ``(offset, source)``, in chunks.
+
+    A fresh tmpfs page costs more to allocate and map than to copy into: the
+    naive ``ftruncate`` + copy runs at about 1 GB/s here, all of it on one core
+    in page faults. Each chunk is reserved (``posix_fallocate``), its page
+    tables filled in one call (``MADV_POPULATE_WRITE``, Linux 5.14+; older
+    kernels just fault on first touch) and then copied -- on two threads for
+    large totals, since both the kernel work and numpy's copy run without the
+    GIL. Measured by benchmarks/publish_speed.py."""
+    target = np.frombuffer(view, dtype=np.uint8)
+    base = target.ctypes.data
     jobs = []
     for offset, source in placed:
         src = np.frombuffer(source, dtype=np.uint8)
-        for start in range(0, len(src), _COPY_CHUNK):
+        for start in range(0, max(len(src), 1), _COPY_CHUNK):
             stop = min(start + _COPY_CHUNK, len(src))
-            jobs.append((target[offset + start : offset + stop], src[start:stop]))
-    total = sum(len(s) for _, s in jobs)
-    if total < _PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
-        for dst, src in jobs:
-            np.copyto(dst, src)
-        return
-    list(_get_copy_pool().map(lambda job: np.copyto(*job), jobs))
+            jobs.append((offset + start, src[start:stop]))
+
+    def run(job: tuple[int, np.ndarray]) -> None:
+        offset, src = job
+        first = offset // _PAGE * _PAGE
+        last = -(-(offset + len(src)) // _PAGE) * _PAGE
+        last = min(last, len(target))
+        if last <= first:
+            return
+        try:
+            os.posix_fallocate(fd, first, last - first)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise _full_error(len(target), directory) from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        _madvise(base + first, last - first, _MADV_POPULATE_WRITE)
+        target[offset : offset + len(src)] = src
+
+    if sum(len(src) for _, src in jobs) < _PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
+        for job in jobs:
+            run(job)
+    else:
+        list(_get_copy_pool().map(run, jobs))

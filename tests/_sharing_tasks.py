@@ -1,0 +1,111 @@
+"""Module-level task functions for test_sharing/test_decorator (spawn and
+forkserver workers import them by name)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+import sharedexec
+from sharedexec import _cache
+
+
+def describe(obj):
+    """What a worker received: type, a digest, and whether it is shared."""
+    if isinstance(obj, (list, tuple)):
+        return [describe(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: describe(v) for k, v in obj.items()}
+    if hasattr(obj, "__dict__") and not isinstance(obj, (pd.DataFrame, pd.Series, np.ndarray)):
+        return {"attrs": describe(vars(obj))}
+    if isinstance(obj, pd.DataFrame):
+        return (type(obj).__name__, int(pd.util.hash_pandas_object(obj, index=True).sum()), _in_segment(obj._mgr.blocks[0].values))
+    if isinstance(obj, np.ndarray):
+        return (type(obj).__name__, float(obj.sum()), _in_segment(obj))
+    return obj
+
+
+def _in_segment(arr) -> bool:
+    """Whether arr's memory belongs to a mapping (not the process heap)."""
+    base = arr
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    return isinstance(base, memoryview) or type(base).__name__ == "mmap"
+
+
+def cache_names(_=None):
+    _cache.CACHE.sweep()
+    return sorted(_cache.CACHE._entries)
+
+
+def set_cache_budget(budget):
+    _cache.CACHE.budget = budget
+
+
+def make_frame(rows):
+    return pd.DataFrame({"x": np.arange(rows, dtype="f8"), "y": np.arange(rows) % 7})
+
+
+def len_plus(df, i):
+    return len(df) + i
+
+
+@sharedexec.shared
+def shared_len(args):
+    """Length of the frame plus the config."""
+    df, config = args
+    return len(df) + config
+
+
+@sharedexec.shared
+def shared_len2(df, config):
+    return len(df) + config
+
+
+def plain_len(args):
+    df, config = args
+    return len(df) + config
+
+
+@sharedexec.shared
+def shared_sum_all(args):
+    """Touch every page of every column: what a real task does."""
+    df, i = args
+    return float(sum(df[c].to_numpy().sum() for c in df.columns)) + i
+
+
+def plain_sum_all(args):
+    df, i = args
+    return float(sum(df[c].to_numpy().sum() for c in df.columns)) + i
+
+
+@sharedexec.shared
+def shared_describe(obj):
+    return describe(obj), os.getpid()
+
+
+def plain_describe(obj):
+    return describe(obj), os.getpid()
+
+
+@sharedexec.shared
+def shared_make_frame(rows):
+    return make_frame(rows)
+
+
+@sharedexec.shared
+def shared_hold(args):
+    """Keep the frame's pages in use until the parent says so."""
+    import time
+
+    df, i, flag = args
+    total = float(sum(df[c].to_numpy().sum() for c in df.columns))
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+    return total + i
+
+
+def plain_hold(args):
+    return shared_hold.fn(args)

@@ -1,0 +1,65 @@
+"""Fixtures shared by the whole suite.
+
+* ``mp_context``: runs a test under fork, spawn and forkserver.
+* The session ends by checking that this process leaves no ``sx_`` segment
+  but the live ones it still owns (its lease board; objects a test keeps), and
+  that no process of ours left one behind (``.ci/run`` checks /dev/shm again
+  after pytest has exited, once every reaper has run).
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from sharedexec import _names, _registry
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=START_METHODS)
+def mp_context(request):
+    return multiprocessing.get_context(request.param)
+
+
+def owned_segments(pid: int | None = None) -> list[str]:
+    pid = os.getpid() if pid is None else pid
+    return sorted(name for name, owner, _ in _names.list_segments() if owner == pid)
+
+
+def leaked_segments(timeout: float = 5.0) -> list[str]:
+    """Segments of this process that no live publication accounts for, and
+    segments of exited processes, after giving reapers ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        gc.collect()
+        registry = _registry.REGISTRY
+        registry.collect()
+        expected = set(registry._by_name)
+        if registry._board is not None:
+            expected.add(registry._board.name)
+        leaked = [
+            name
+            for name, owner, _ in _names.list_segments()
+            if (owner == os.getpid() and name not in expected) or (owner != os.getpid() and not _names.pid_alive(owner))
+        ]
+        if not leaked or time.monotonic() > deadline:
+            return leaked
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def no_leaks():
+    """Fail the test if it leaves a segment behind once its objects are gone."""
+    yield
+    assert leaked_segments() == []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_leak_check():
+    yield
+    assert leaked_segments() == [], "sx_ segments leaked by the test session"

@@ -1,0 +1,134 @@
+"""``@sharedexec.shared`` through unchanged stdlib pools and joblib, and
+``sharedexec.share()``."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import inspect
+import multiprocessing
+import os
+import pickle
+import threading
+import time
+from multiprocessing.reduction import ForkingPickler
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+import sharedexec
+from sharedexec import _registry
+
+from . import _sharing_tasks as tasks
+
+
+@pytest.fixture(scope="module")
+def df():
+    rng = np.random.default_rng(3)
+    rows = 400_000
+    return pd.DataFrame({"a": rng.random(rows), "b": rng.integers(0, 9, rows), "s": rng.choice(["p", "q"], rows)})
+
+
+EXPECTED = lambda df, configs: [len(df) + c for c in configs]  # noqa: E731
+
+POOL_CALLS = {
+    "map": lambda pool, args: pool.map(tasks.shared_len, args),
+    "map_async": lambda pool, args: pool.map_async(tasks.shared_len, args).get(60),
+    "imap": lambda pool, args: list(pool.imap(tasks.shared_len, args)),
+    "imap_unordered": lambda pool, args: sorted(pool.imap_unordered(tasks.shared_len, args, chunksize=2)),
+    "starmap": lambda pool, args: pool.starmap(tasks.shared_len2, args),
+    "apply_async": lambda pool, args: [pool.apply_async(tasks.shared_len, (a,)).get(60) for a in args],
+}
+
+
+@pytest.mark.parametrize("call", POOL_CALLS)
+def test_every_pool_method_shares(mp_context, df, call):
+    configs = list(range(12))
+    before = sharedexec.stats()
+    with mp_context.Pool(2) as pool:
+        result = POOL_CALLS[call](pool, [(df, c) for c in configs])
+    after = sharedexec.stats()
+    assert result == EXPECTED(df, configs)
+    assert after["publications"] - before["publications"] <= 1  # once, if not already
+    assert after["reuse_hits"] > before["reuse_hits"]
+
+
+def test_stdlib_process_pool_executor_shares(mp_context, df):
+    before = sharedexec.stats()["reuse_hits"]
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=mp_context) as ex:
+        assert list(ex.map(tasks.shared_len, [(df, c) for c in range(8)])) == EXPECTED(df, range(8))
+    assert sharedexec.stats()["reuse_hits"] > before
+
+
+def test_joblib_default_backend_shares(df):
+    before = sharedexec.stats()["reuse_hits"]
+    out = joblib.Parallel(n_jobs=2)(joblib.delayed(tasks.shared_len)((df, c)) for c in range(8))
+    assert out == EXPECTED(df, range(8))
+    assert sharedexec.stats()["reuse_hits"] > before
+
+
+def test_large_results_come_back_through_shared_memory(mp_context):
+    with mp_context.Pool(1) as pool:
+        frame = pool.apply(tasks.shared_make_frame, (300_000,))
+    pd.testing.assert_frame_equal(frame, tasks.make_frame(300_000), check_exact=True)
+    assert all(blk.values.flags.writeable for blk in frame._mgr.blocks)
+    assert tasks._in_segment(frame._mgr.blocks[0].values)
+
+
+def test_undecorated_functions_and_queues_are_unchanged(df):
+    message = ForkingPickler.dumps((tasks.plain_len, (df, 1)))
+    assert len(message) > df["a"].nbytes  # the frame itself, as before
+    shared_message = ForkingPickler.dumps((tasks.shared_len, (df, 1)))
+    assert len(shared_message) < 600
+    # what an mp.Queue sends: ForkingPickler.dumps of the item, unarmed
+    assert len(ForkingPickler.dumps(df)) > df["a"].nbytes
+
+
+def test_called_directly_it_is_the_function(df):
+    assert tasks.shared_len((df, 3)) == len(df) + 3
+    assert tasks.shared_len.__name__ == "shared_len"
+    assert tasks.shared_len.__doc__ == "Length of the frame plus the config."
+    assert inspect.signature(tasks.shared_len2) == inspect.signature(tasks.shared_len2.__wrapped__)
+    clone = pickle.loads(pickle.dumps(tasks.shared_len))  # by reference
+    assert clone((df, 1)) == len(df) + 1
+
+
+def test_decorator_with_options(df):
+    decorated = sharedexec.shared(min_bytes=1 << 40)(tasks.plain_len)
+    assert decorated.options.min_bytes == 1 << 40
+    with pytest.raises(ValueError, match="mmap_mode"):
+        sharedexec.shared(mmap_mode="w")
+
+
+def test_no_task_fails_when_its_frame_is_dropped_early(mp_context):
+    flag = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sx-release-{os.getpid()}-{mp_context.get_start_method()}")
+    with mp_context.Pool(1) as pool:
+        blocker = pool.apply_async(tasks.shared_hold, ((tasks.make_frame(10), 0, flag),))
+        frame = tasks.make_frame(300_000)
+        late = pool.apply_async(tasks.shared_len, ((frame, 5),))
+        time.sleep(0.5)  # the task is pickled and queued behind the blocker
+        del frame
+        import gc
+
+        gc.collect()
+        _registry.REGISTRY.collect()
+        open(flag, "w").close()
+        try:
+            assert late.get(60) == 300_005
+            blocker.get(60)
+        finally:
+            os.unlink(flag)
+
+
+def test_share_sends_handles_through_any_multiprocessing_pickle(mp_context, df):
+    shared = sharedexec.share(df)
+    assert len(ForkingPickler.dumps(shared)) < 400
+    with mp_context.Pool(1) as pool:
+        received, _ = pool.apply(tasks.plain_describe, (shared,))
+    assert received == ("DataFrame", int(pd.util.hash_pandas_object(df).sum()), True)
+    process = mp_context.Process(target=tasks.describe, args=(shared,))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0

@@ -1,0 +1,170 @@
+"""The publishing side: publish once, republish on change, share storage, leases."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sharedexec
+from sharedexec import _names, _registry
+
+from .conftest import owned_segments
+
+
+@pytest.fixture
+def registry():
+    """A private registry, so counts don't depend on other tests."""
+    reg = _registry.Registry()
+    yield reg
+    for pub in list(reg._by_name.values()):
+        pub.source = None
+        reg._dead.append(pub)
+    reg.collect()
+    if reg._board is not None:
+        from sharedexec import _segment
+
+        _segment.retire(reg._board.name)
+
+
+def frame(rows=50_000, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"a": rng.random(rows), "b": rng.integers(0, 9, rows), "s": rng.choice(["x", "y"], rows)})
+
+
+def test_same_object_is_published_once(registry):
+    df = frame()
+    first = registry.publish(df)
+    assert all(registry.publish(df) is first for _ in range(100))
+    assert registry.counters["publications"] == 1 and registry.counters["reuse_hits"] == 100
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda df: df.__setitem__("a", df["a"] + 1),  # replaced column
+        lambda df: df.__setitem__("new", 1),  # added column
+        lambda df: setattr(df, "index", pd.RangeIndex(len(df)) + 5),  # reassigned index
+        lambda df: df.attrs.__setitem__("k", "v"),  # attrs
+        lambda df: df.pop("b"),  # in-place structural change
+    ],
+    ids=["replace-column", "add-column", "reassign-index", "attrs", "pop-column"],
+)
+def test_structural_change_republishes(registry, change):
+    df = frame()
+    first = registry.publish(df)
+    change(df)
+    second = registry.publish(df)
+    assert second is not first and registry.counters["publications"] == 2
+
+
+def test_equal_new_object_is_a_new_publication_sharing_storage(registry):
+    df = frame()
+    first = registry.publish(df)
+    derived = df.assign(c=1.5)
+    second = registry.publish(derived)
+    assert second is not first
+    # only the new column was copied; the rest points at the first segment
+    assert second.depends == [first]
+    assert registry.counters["bytes_reused"] >= df["a"].nbytes + df["b"].nbytes
+    assert registry.counters["bytes_copied"] < 2 * df.memory_usage().sum()
+
+
+def test_id_reuse_never_serves_stale_data(registry):
+    for seed in range(20):
+        df = frame(1000, seed)
+        pub = registry.publish(df)
+        assert registry.find(df) is pub
+        del df
+        gc.collect()
+    # new objects at recycled addresses are never found as published
+    for seed in range(20):
+        df = frame(1000, 100 + seed)
+        assert registry.find(df) is None
+
+
+def test_segment_freed_when_object_dies_and_no_lease(registry):
+    df = frame()
+    name = registry.publish(df).name
+    del df
+    gc.collect()
+    registry.collect()
+    assert name not in owned_segments()
+
+
+def test_lease_keeps_segment_until_ended(registry):
+    df = frame()
+    pub = registry.publish(df)
+    _, slot = registry.lease(pub)
+    del df
+    gc.collect()
+    registry.collect()
+    assert pub.name in owned_segments()  # a task still carries the handle
+    registry.end_leases([slot])
+    registry.collect()
+    assert pub.name not in owned_segments()
+
+
+def test_worker_clearing_the_slot_ends_the_lease(registry):
+    df = frame()
+    pub = registry.publish(df)
+    _, slot = registry.lease(pub)
+    del df
+    gc.collect()
+    registry.collect()
+    assert pub.name in owned_segments()
+    registry._board.mapping.view[64 + slot] = 0  # what a worker does once it has mapped the segment
+    registry.collect()
+    assert pub.name not in owned_segments()
+
+
+def test_dependency_outlives_its_source(registry):
+    df = frame()
+    first = registry.publish(df)
+    derived = df.assign(c=2.0)
+    second = registry.publish(derived)
+    del df
+    gc.collect()
+    registry.collect()
+    assert first.name in owned_segments()  # `derived`'s segment points into it
+    del derived
+    gc.collect()
+    registry.collect()
+    assert first.name not in owned_segments() and second.name not in owned_segments()
+
+
+def test_share_returns_equal_readonly_object_backed_by_the_segment():
+    df = frame()
+    shared = sharedexec.share(df)
+    pd.testing.assert_frame_equal(shared, df, check_exact=True)
+    pub = _registry.REGISTRY.shared_publication(shared)
+    assert pub is not None
+    start = np.frombuffer(pub.mapping.view, np.uint8).ctypes.data
+    values = shared._mgr.blocks[0].values
+    assert start <= values.ctypes.data < start + pub.mapping.size
+    assert not values.flags.writeable
+    name = pub.name
+    del df
+    gc.collect()
+    assert name in owned_segments()  # lives with `shared`, not with the original
+    del shared, values
+    gc.collect()
+    _registry.REGISTRY.collect()
+    assert name not in owned_segments()
+
+
+def test_derived_from_shared_copies_only_new_columns():
+    shared = sharedexec.share(frame())
+    before = sharedexec.stats()
+    pub = _registry.REGISTRY.publish(shared.assign(extra=1))
+    after = sharedexec.stats()
+    assert after["bytes_copied"] - before["bytes_copied"] < 10 * len(shared)  # the int64 column, ~8 B/row
+    assert after["bytes_reused"] - before["bytes_reused"] >= shared["a"].nbytes
+    assert pub.depends
+
+
+def test_stats_keys():
+    assert set(sharedexec.stats()) >= {"segments", "bytes_shared", "publications", "reuse_hits", "bytes_pickled"}
