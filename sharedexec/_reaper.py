@@ -32,34 +32,50 @@ _SWEEP_DELAYS = (0.0, 1.0, 3.0)
 
 _lock = threading.Lock()
 _pipe_w: int | None = None
+_reaper_pid: int | None = None
 _told_dirs: set[str] = set()
 
 
 def watch(directory: str) -> None:
-    """Make sure this process has a reaper that will clean ``directory``."""
-    global _pipe_w
+    """Make sure this process has a live reaper that will clean ``directory``.
+
+    Called before every publication, so a reaper that was killed (say by a
+    ``pkill -f python``) is replaced before the next segment is created."""
+    global _pipe_w, _reaper_pid
     with _lock:
+        if _pipe_w is not None and not _alive(_reaper_pid):
+            os.close(_pipe_w)
+            _pipe_w = None
         if _pipe_w is not None and directory in _told_dirs:
             return
-        for _ in range(2):
-            if _pipe_w is None:
-                _pipe_w = _spawn()
-                _told_dirs.clear()
-            try:
-                os.write(_pipe_w, directory.encode() + b"\n")
-                _told_dirs.add(directory)
-                return
-            except BrokenPipeError:  # someone killed our reaper: start another
-                os.close(_pipe_w)
-                _pipe_w = None
-        raise OSError("could not start the sharedexec reaper process")
+        if _pipe_w is None:
+            _pipe_w, _reaper_pid = _spawn()
+        _told_dirs.add(directory)
+        os.write(_pipe_w, "".join(d + "\n" for d in sorted(_told_dirs)).encode())
 
 
-def _spawn() -> int:
+def watching() -> bool:
+    """Whether this process started a reaper (so it may own segments)."""
+    return _pipe_w is not None
+
+
+def _alive(pid: int | None) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # our child: a dead one is a zombie
+        return finished == 0
+    except ChildProcessError:  # reaped by someone else's waitpid(-1)
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def _spawn() -> tuple[int, int]:
     read_end, write_end = os.pipe()  # both non-inheritable (PEP 446)
     devnull = os.devnull
     try:
-        os.posix_spawn(
+        pid = os.posix_spawn(
             sys.executable,
             [sys.executable, "-I", "-S", os.path.abspath(__file__), str(os.getpid())],
             os.environ,
@@ -75,16 +91,16 @@ def _spawn() -> int:
         )
     finally:
         os.close(read_end)
-    return write_end
+    return write_end, pid
 
 
 def _forget_in_child() -> None:
     # A forked child must not keep the pipe open: the reaper would then wait
     # for the child's death too. The child gets its own reaper if it publishes.
-    global _pipe_w, _lock
+    global _pipe_w, _reaper_pid, _lock
     if _pipe_w is not None:
         os.close(_pipe_w)
-    _pipe_w, _lock = None, threading.Lock()
+    _pipe_w, _reaper_pid, _lock = None, None, threading.Lock()
     _told_dirs.clear()
 
 

@@ -158,6 +158,8 @@ class Registry:
                 return pub
             self._start_collector()
             _reaper.watch(_names.shm_dir())
+            if self._board is None:  # first, so that a full directory fails here, not in lease()
+                self._board = _Board(self.pid)
             layout, buffers = _codec.encode(obj)
             raws = [buf.raw() for buf in buffers]
             refs, new, depends = [], [], []
@@ -257,8 +259,6 @@ class Registry:
     def lease(self, pub: Publication) -> tuple[str, int]:
         """Take a lease on ``pub`` for one pickled handle: (board name, slot)."""
         with self._lock:
-            if self._board is None:
-                self._board = _Board(self.pid)
             slot = self._board.take()
             if slot == NO_SLOT:
                 pub.pinned = True
@@ -338,7 +338,7 @@ class Registry:
                 _segment.retire(self._board.name)
             self._by_name.clear()
             self._by_id.clear()
-        if self._board is not None or self.counters["publications"]:
+        if _reaper.watching():  # results workers wrote for us, claimed or not
             _names.remove_owned_by(self.pid)
 
     def stats(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from sharedexec import _names, _registry
+from sharedexec import _names, _registry, _segment
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -48,8 +48,18 @@ def leaked_segments(timeout: float = 5.0) -> list[str]:
             if (owner == os.getpid() and name not in expected) or (owner != os.getpid() and not _names.pid_alive(owner))
         ]
         if not leaked or time.monotonic() > deadline:
-            return leaked
+            return [_describe(name) for name in leaked]
         time.sleep(0.1)
+
+
+def _describe(name: str) -> str:
+    """A leaked segment's name, with who created it and its size, for the report."""
+    try:
+        with open(os.path.join(_names.shm_dir(), name), "rb") as f:
+            header = _segment.HEADER.unpack(f.read(_segment.HEADER.size))
+        return f"{name} (created by pid {header[7]}, owner {header[8]}, {header[4]} bytes)"
+    except (OSError, ValueError) as exc:
+        return f"{name} ({exc})"
 
 
 @pytest.fixture

@@ -132,3 +132,31 @@ def test_share_sends_handles_through_any_multiprocessing_pickle(mp_context, df):
     process.start()
     process.join(60)
     assert process.exitcode == 0
+
+
+@pytest.mark.slow
+def test_eight_workers_hold_one_copy_not_eight(tmp_path):
+    """Peak extra memory of the whole process tree (PSS without shared pages,
+    plus /dev/shm), while 8 workers each hold and read every column."""
+    from sharedexec.bench.memory import MemoryMeter
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({f"c{i}": rng.random(1_000_000) for i in range(20)})  # 160 MB
+    size = frame.memory_usage().sum()
+    context = multiprocessing.get_context("forkserver")
+    peaks = {}
+    for name, function in (("plain", tasks.plain_hold), ("shared", tasks.shared_hold)):
+        flag = tmp_path / name
+        with context.Pool(8) as pool:
+            pool.map(tasks.cache_names, range(64))  # warm: 8 workers up, pandas imported
+            with MemoryMeter() as meter:
+                pending = pool.map_async(function, [(frame, i, str(flag)) for i in range(8)], chunksize=1)
+                deadline = time.monotonic() + 120
+                while meter.sample() - meter.baseline < (6 if name == "plain" else 0.9) * size and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                time.sleep(0.5)  # every worker has its frame by now, or never will
+                flag.touch()
+                assert len(pending.get(120)) == 8
+            peaks[name] = meter.peak_extra
+    assert peaks["shared"] <= 1.3 * size, peaks
+    assert peaks["plain"] >= 4 * size, peaks  # the baseline really copies
