@@ -15,21 +15,49 @@ Arrow-backed arrays combine their chunks when pickled. So a pickler subclass
 intercepts each pandas / numpy object, whatever its subclass (trap 7,
 GeoDataFrame-like classes come back as themselves), and reduces it to its
 parts: a DataFrame to its blocks and their placement, a block to its array, an
-array to its raw bytes. pyarrow objects pickle themselves zero-copy already.
+array to its raw bytes. pyarrow pickles its arrays, tables and batches down to
+``pa.Buffer`` objects itself, chunks kept; we take those buffers out of band.
 
-What ends up where:
+Buffers are numbered by the encoder, not by pickle's ``buffer_callback`` (see
+``_Encoder``): a decoded array is writable exactly when the memory it is
+decoded from is (a copy-on-write mapping), whatever the source was, and memory
+met twice (two views of one array, an Arrow dictionary shared by chunks) is
+stored once and comes back shared.
 
-* zero-copy (a view of the segment): every numpy bool/int/uint/float/complex,
-  datetime64 and timedelta64 (with or without tz), Period, Categorical codes,
-  masked arrays (data and mask), every Arrow-backed array (pandas 3's ``str``,
-  ``string[pyarrow]``, ``ArrowDtype``), Sparse values and indices, Interval
-  bounds, structured dtypes without objects;
-* once per worker (pickled in-band into the layout, which lives in the segment
-  too, and unpickled when a worker first meets the object): object columns,
-  python-storage strings, anything else without a buffer layout.
+What ends up where (``tests/test_codec.py`` checks each line, by address):
+
+=====================================  =========================================
+zero-copy: a view of the segment       numpy bool, int*, uint*, float* (float16
+                                       to longdouble), complex*; big-endian
+                                       too; datetime64 and timedelta64, any
+                                       unit, with or without tz; Period;
+                                       Categorical codes, and its categories
+                                       when their dtype is one of these;
+                                       nullable Int*/UInt*/Float*/boolean (data
+                                       and mask); every Arrow-backed array
+                                       (pandas 3's ``str`` with pyarrow,
+                                       ``string[pyarrow]``, ``ArrowDtype``:
+                                       lists, structs, dictionaries, ...);
+                                       Sparse values and index; Interval
+                                       bounds; structured and fixed-width
+                                       (``S``/``U``/``V``) numpy dtypes; pyarrow
+                                       Array / ChunkedArray / RecordBatch /
+                                       Table; the same in Index form and in
+                                       MultiIndex levels and codes
+once per worker: pickled by value into ``object`` columns and labels (pandas 2's
+the layout, which lives in the segment  strings), ``string[python]``, pandas 3's
+too, unpickled when a worker first     ``str`` without pyarrow, numpy
+meets the object (the worker cache     ``StringDType`` and structured dtypes
+keeps it)                              with object fields, ndarray subclasses
+                                       (``np.matrix``, ``np.ma``), attrs and
+                                       ``_metadata`` values that are not arrays
+no buffer at all                       RangeIndex, empty arrays
+=====================================  =========================================
+
+``np.memmap`` comes back as a plain ndarray (over the segment, not the file).
 
 Decoding touches each block once: its cost grows with the number of columns,
-not of rows.
+not of rows (``benchmarks/decode_cost.py``).
 """
 
 from __future__ import annotations
@@ -150,9 +178,8 @@ _HANDLERS: list[tuple[type, Callable]] = [
     (NDArrayBackedExtensionArray, _reduce_ndarray_backed),
     (BaseMaskedArray, _reduce_masked),
 ]
-if ArrowExtensionArray is not None:
-    _HANDLERS.append((ArrowExtensionArray, _reduce_arrow_backed))
-    _HANDLERS.append((pa.Buffer, _reduce_arrow_buffer))
+if pa is not None:
+    _HANDLERS += [(ArrowExtensionArray, _reduce_arrow_backed), (pa.Buffer, _reduce_arrow_buffer)]
 
 _handler_cache: dict[type, Callable | None] = {}
 
@@ -237,7 +264,7 @@ def decode(layout: bytes | memoryview, views: list[memoryview]) -> Any:
 
 
 def _view(index: int) -> memoryview:
-    views = _decoding.views
+    views = getattr(_decoding, "views", None)
     if views is None:
         raise RuntimeError("sharedexec layouts are read with _codec.decode, not pickle.loads")
     return views[index]
@@ -332,12 +359,26 @@ def _axis_state(axis: pd.Index) -> tuple:
     return tuple(axis.names), getattr(axis, "freq", None)
 
 
+class _Uncopyable:
+    """Stands for attrs that cannot be deep-copied: equal to nothing, so the
+    object is published anew each time rather than reused stale."""
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = None
+
+
 def _state_values(obj: pd.DataFrame | pd.Series) -> tuple:
     # attrs deep-copied: a fingerprint holding the live dict would equal the
     # frame's attrs after any in-place change (``df.attrs["unit"] = "m"``).
     # pandas deep-copies attrs on every operation, so they are small.
+    try:
+        attrs = copy.deepcopy(obj.attrs)
+    except Exception:
+        attrs = _Uncopyable()
     metadata = tuple(getattr(obj, name, None) for name in obj._metadata)
-    return copy.deepcopy(obj.attrs), obj.flags.allows_duplicate_labels, metadata
+    return attrs, obj.flags.allows_duplicate_labels, metadata
 
 
 def fingerprint(obj: Any) -> tuple[tuple, tuple]:
@@ -377,8 +418,10 @@ def same_fingerprint(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
 
 def _axis_view(axis: pd.Index) -> pd.Index:
     view = axis.view()
-    values = getattr(axis, "_data", None)
-    if getattr(values, "_freq", None) is not None and getattr(view, "_data", None) is values:
+    if not isinstance(axis, (pd.DatetimeIndex, pd.TimedeltaIndex)):
+        return view  # (a RangeIndex's _data would materialise every label)
+    values = axis._data
+    if getattr(values, "_freq", None) is not None and view._data is values:
         # pandas 2 keeps a DatetimeIndex's freq on its array, which Index.view()
         # shares: ``view.index.freq = None`` would reach the cached frame.
         data = values._from_backing_data(values._ndarray)
