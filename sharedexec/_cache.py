@@ -67,10 +67,18 @@ class WorkerCache:
         except SegmentNotFoundError as exc:
             raise handle.gone_error() from exc
         finally:
-            # The segment is mapped (or will never be): the publisher may free
-            # it whenever it likes now.
-            if handle.slot >= 0:
-                self._board(handle.board).view[_segment.ALIGN + handle.slot] = 0
+            self._end_lease(handle)
+
+    def _end_lease(self, handle: Handle) -> None:
+        # The segment is mapped (or will never be): the publisher may free it
+        # whenever it likes now. No board (another machine, a dead publisher)
+        # means no lease to end, and must not hide the error being raised.
+        if handle.slot < 0:
+            return
+        try:
+            self._board(handle.board).view[_segment.ALIGN + handle.slot] = 0
+        except SegmentNotFoundError:
+            pass
 
     def _decode(self, name: str, copy_on_write: bool) -> tuple[Any, _segment.Mapping]:
         mapping = _segment.attach(name, copy_on_write=copy_on_write)
@@ -150,8 +158,34 @@ class Handle:
 CACHE = WorkerCache()
 
 
+class Unresolved:
+    """Stands in a task's arguments for an object whose handle failed; the
+    task raises the error when it runs (see ``defer_errors``)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+_deferral = threading.local()
+
+
+def defer_errors(errors: list[Exception] | None) -> None:
+    """While a task is being unpickled, collect handle errors in ``errors``
+    instead of raising them: raised while a worker reads its call queue, they
+    would break the whole pool (BrokenProcessPool; a ``Pool`` would hang),
+    not fail the one task. ``None`` stops deferring."""
+    _deferral.errors = errors
+
+
 def _resolve(name: str, mmap_mode: str, board: str, slot: int, publisher: int, host: str) -> Any:
-    return CACHE.resolve(Handle(name, mmap_mode, board, slot, publisher, host))
+    try:
+        return CACHE.resolve(Handle(name, mmap_mode, board, slot, publisher, host))
+    except Exception as exc:
+        errors = getattr(_deferral, "errors", None)
+        if errors is None:
+            raise
+        errors.append(exc)
+        return Unresolved(exc)
 
 
 def write_result(obj: Any, owner_pid: int) -> _segment.Mapping:

@@ -353,6 +353,23 @@ def nbytes(obj: Any) -> int:
     return int(obj.nbytes)
 
 
+def parts(obj: Any) -> list[np.ndarray]:
+    """The arrays a pickler meets inside ``obj`` after ``obj`` itself: its
+    blocks and the arrays behind them (not the axes, which are small or are
+    shared objects of their own)."""
+    if isinstance(obj, pd.DataFrame):
+        values = [blk.values for blk in obj._mgr.blocks]
+    elif isinstance(obj, pd.Series):
+        values = [obj._values]
+    else:
+        return []
+    found = []
+    for value in values:
+        found.append(value)
+        found.extend(getattr(value, attr) for attr in ("_ndarray", "_data", "_mask", "_pa_array") if hasattr(value, attr))
+    return found
+
+
 def _axis_state(axis: pd.Index) -> tuple:
     # Names and freq are set on the Index object in place (``df.index.name =``,
     # ``df.index.freq = "D"``, statsmodels' idiom): its identity alone misses them.

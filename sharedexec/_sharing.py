@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import io
+import multiprocessing
 import os
 import pickle
 import threading
@@ -83,7 +84,11 @@ class SharedTask:
 
     def __reduce__(self):
         _prepare_owner()
-        return TaskRunner, (self.fn, self.options, os.getpid())
+        return TaskRunner, (self.fn, self.options, os.getpid(), _names.HOST)
+
+    def _reduce_for(self, pickler) -> Any:
+        """A reduction that depends on the pickler, or NotImplemented."""
+        return NotImplemented
 
 
 def _prepare_owner() -> None:
@@ -94,15 +99,16 @@ def _prepare_owner() -> None:
 _warned_full = False
 
 
-def _reduce_shared(obj: Any, task: SharedTask | None):
+def _reduce_shared(pickler, obj: Any):
     registry = _registry.REGISTRY
+    task: SharedTask | None = getattr(pickler, "_sharedexec_task", None)
     if task is None:
         pub = registry.shared_publication(obj)
         if pub is None:
             return NotImplemented
         mmap_mode, leases = "r", None
     else:
-        if not _codec.is_shareable(obj):
+        if not _codec.is_shareable(obj) or id(obj) in pickler.__dict__.get("_sharedexec_plain", ()):
             return NotImplemented
         options, leases = task.options, task.leases
         mmap_mode = options.mmap_mode
@@ -115,6 +121,8 @@ def _reduce_shared(obj: Any, task: SharedTask | None):
                 raise
             registry.counters["bytes_pickled"] += _codec.nbytes(obj)
             _warn_full_once(exc)
+            # Its arrays follow in this message: pickle them as they are too.
+            pickler.__dict__.setdefault("_sharedexec_plain", set()).update(map(id, _codec.parts(obj)))
             return NotImplemented
     board, slot = registry.lease(pub)
     if leases is not None:
@@ -138,8 +146,11 @@ def _chain(previous: Callable | None) -> Callable:
     def reducer_override(self, obj):
         if isinstance(obj, SharedTask):
             self._sharedexec_task = obj  # armed for the rest of this message
+            reduced = obj._reduce_for(self)
+            if reduced is not NotImplemented:
+                return reduced
         else:
-            reduced = _reduce_shared(obj, getattr(self, "_sharedexec_task", None))
+            reduced = _reduce_shared(self, obj)
             if reduced is not NotImplemented:
                 return reduced
         return NotImplemented if previous is None else previous(self, obj)
@@ -168,20 +179,38 @@ def install_hooks() -> None:
 
 
 class TaskRunner:
-    """A task's callable as a worker unpickles it."""
+    """A task's callable as a worker unpickles it.
 
-    def __init__(self, fn: Callable, options: Options, owner_pid: int):
+    In a worker it is unpickled before the task's arguments, so it starts
+    collecting the errors of their handles (``_cache.defer_errors``) and raises
+    the first one when called: a vanished segment fails its task, not the pool.
+    (Only in workers: there the next message is always a task, whose runner
+    takes over; elsewhere a runner may be unpickled and never called.)"""
+
+    def __init__(self, fn: Callable, options: Options, owner_pid: int, owner_host: str):
         self.fn = fn
         self.options = options
         self.owner_pid = owner_pid
+        self.owner_host = owner_host
+        self.handle_errors: list[Exception] = []
+        if multiprocessing.parent_process() is not None:
+            _cache.defer_errors(self.handle_errors)
 
     def __call__(self, *args, **kwargs):
+        _cache.defer_errors(None)
+        if self.handle_errors:
+            raise self.handle_errors[0]
         _worker.enter_task()
         with _worker.explain_read_only(self.options.mmap_mode):
             value = self.fn(*args, **kwargs)
-        if self.options.share_results and self.owner_pid != os.getpid():
+        # Results go back through shared memory only to a caller on this
+        # machine (not to a dask/ray client) and in another process.
+        if self.options.share_results and self.owner_host == _names.HOST and self.owner_pid != os.getpid():
             return ResultBox(value, self.options, self.owner_pid)
         return value
+
+    def __reduce__(self):
+        return TaskRunner, (self.fn, self.options, self.owner_pid, self.owner_host)
 
 
 class ResultBox:

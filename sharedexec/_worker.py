@@ -56,7 +56,8 @@ def explain_read_only(mmap_mode: str):
         if "read-only" not in str(exc) or mmap_mode != "r":
             raise
         raise SharedReadOnlyError(
-            f"{exc}: this data is shared read-only with other processes by sharedexec "
-            "(mmap_mode='r'). Write into a copy (df = df.copy(), arr = arr.copy()), or pass "
-            "mmap_mode='c' to give each task private copy-on-write views."
+            f"{exc}. If this array is data sharedexec shares with other processes "
+            "(mmap_mode='r'), write into a copy (df = df.copy(), arr = arr.copy()) or pass "
+            "mmap_mode='c' to give each task private copy-on-write views. (pandas 3 also "
+            "hands out read-only views from .values and .to_numpy(): use .to_numpy(copy=True).)"
         ) from exc

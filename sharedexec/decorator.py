@@ -12,9 +12,12 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import pickle
 from typing import Any, Callable, TypeVar, overload
 
-from . import _registry
+import cloudpickle
+
+from . import _names, _registry
 from ._sharing import Options, SharedTask, TaskRunner, _prepare_owner, install_hooks
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,20 +30,42 @@ class SharedFunction(SharedTask):
         functools.update_wrapper(self, fn)
 
     def __reduce__(self):
+        # By reference, like any function -- and, like pickle, refuse in the
+        # parent what the worker could not look up (a lambda, a nested
+        # function, `fast = shared(f)` under another name).
+        if _lookup(self.__module__, self.__qualname__) is not self:
+            raise pickle.PicklingError(
+                f"Can't pickle {self!r}: it is not found as {self.__module__}.{self.__qualname__}. "
+                "Decorate a function defined at the top level of a module, under its own name."
+            )
         _prepare_owner()
-        return _load_function, (self.__module__, self.__qualname__, os.getpid())
+        return _load_function, (self.__module__, self.__qualname__, os.getpid(), _names.HOST)
+
+    def _reduce_for(self, pickler):
+        # cloudpickle (joblib's loky) sends functions of the main script by
+        # value, since its workers may not have that script as __main__: so
+        # must we, for the same reason.
+        if self.__module__ == "__main__" and isinstance(pickler, cloudpickle.Pickler):
+            _prepare_owner()
+            return TaskRunner, (self.fn, self.options, os.getpid(), _names.HOST)
+        return NotImplemented
 
     def __repr__(self) -> str:
         return f"<sharedexec.shared {self.__module__}.{self.__qualname__}>"
 
 
-def _load_function(module: str, qualname: str, owner_pid: int) -> TaskRunner:
+def _lookup(module: str, qualname: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _load_function(module: str, qualname: str, owner_pid: int, owner_host: str) -> TaskRunner:
+    obj = _lookup(module, qualname)
     if not isinstance(obj, SharedFunction):
         raise TypeError(f"{module}.{qualname} is not a @sharedexec.shared function in this process")
-    return TaskRunner(obj.fn, obj.options, owner_pid)
+    return TaskRunner(obj.fn, obj.options, owner_pid, owner_host)
 
 
 @overload

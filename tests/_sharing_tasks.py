@@ -109,3 +109,14 @@ def shared_hold(args):
 
 def plain_hold(args):
     return shared_hold.fn(args)
+
+
+def blocked_until(flag):
+    import time
+
+    while not os.path.exists(flag):
+        time.sleep(0.02)
+    return True
+
+
+renamed = sharedexec.shared(len_plus)  # under a name that is not its own

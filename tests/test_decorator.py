@@ -9,7 +9,8 @@ import inspect
 import multiprocessing
 import os
 import pickle
-import threading
+import subprocess
+import sys
 import time
 from multiprocessing.reduction import ForkingPickler
 
@@ -160,3 +161,48 @@ def test_eight_workers_hold_one_copy_not_eight(tmp_path):
             peaks[name] = meter.peak_extra
     assert peaks["shared"] <= 1.3 * size, peaks
     assert peaks["plain"] >= 4 * size, peaks  # the baseline really copies
+
+
+def test_a_vanished_segment_fails_its_task_not_the_pool(mp_context, tmp_path):
+    flag = str(tmp_path / "go")
+    with mp_context.Pool(1) as pool:
+        blocker = pool.apply_async(tasks.blocked_until, (flag,))
+        frame = tasks.make_frame(300_000)
+        doomed = pool.apply_async(tasks.shared_len, ((frame, 1),))
+        deadline = time.monotonic() + 30
+        while _registry.REGISTRY.find(frame) is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the task handler has pickled (published) it
+        name = _registry.REGISTRY.find(frame).name
+        os.unlink(os.path.join(sharedexec._names.shm_dir(), name))  # "someone else"
+        open(flag, "w").close()
+        with pytest.raises(sharedexec.SegmentNotFoundError, match=name):
+            doomed.get(60)
+        assert blocker.get(60) is True
+        assert pool.apply(tasks.shared_len, ((tasks.make_frame(300_000), 2),)) == 300_002  # still serving
+
+
+def test_a_function_under_another_name_is_refused_in_the_parent():
+    with pytest.raises(pickle.PicklingError, match="not found as"):
+        pickle.dumps(tasks.renamed)
+
+
+MAIN_SCRIPT = """
+import joblib, numpy as np, pandas as pd, sharedexec
+
+@sharedexec.shared
+def task(df, i):
+    return len(df) + i
+
+if __name__ == "__main__":
+    df = pd.DataFrame({"a": np.arange(500_000)})
+    print(joblib.Parallel(n_jobs=2)(joblib.delayed(task)(df, i) for i in range(4)), sharedexec.stats()["publications"])
+"""
+
+
+def test_decorated_function_in_the_main_script_with_joblib(tmp_path):
+    script = tmp_path / "main_script.py"
+    script.write_text(MAIN_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[500000,", "500001,", "500002,", "500003]", "1"]
+    assert done.stderr == ""

@@ -80,6 +80,7 @@ def test_min_bytes_threshold():
     assert len(armed_dumps(df, min_bytes=1000)) < 400
 
 
+@pytest.mark.compat
 def test_round_trip_in_workers(mp_context):
     df, arr = big_frame(), np.arange(1_000_000, dtype="f8")
     geo = GeoLike(big_frame())
@@ -111,6 +112,7 @@ def test_unresolvable_handle_says_why():
     assert socket.gethostname() in message and "does not cross machines" in message
 
 
+@pytest.mark.compat
 def test_large_result_comes_back_writable_and_unlinked(mp_context, no_leaks):
     with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context) as ex:
         before = owned_segments()
