@@ -236,6 +236,8 @@ class Registry:
     def share(self, obj: Any) -> Any:
         """Publish ``obj`` and return an equal object backed by the segment."""
         with self._lock:
+            if self.shared_publication(obj) is not None:
+                return obj  # already one
             pub = self.publish(obj)
             view = pub.mapping.view.toreadonly()
             shared = _publication.read(
@@ -302,6 +304,7 @@ class Registry:
                 pub = self._dead.popleft()
                 if pub.source_alive and (pub.source is None or pub.source() is None):
                     pub.source_alive = False
+                    pub.fingerprint = None  # it holds the source's arrays alive
                     self._shared_ids.discard(pub.key)
                     for key in pub.buffer_keys:
                         if self._buffers.get(key, (None, None))[1] is pub:

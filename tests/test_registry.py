@@ -168,3 +168,9 @@ def test_derived_from_shared_copies_only_new_columns():
 
 def test_stats_keys():
     assert set(sharedexec.stats()) >= {"segments", "bytes_shared", "publications", "reuse_hits", "bytes_pickled"}
+
+
+def test_sharing_a_shared_object_returns_it():
+    shared = sharedexec.share(frame())
+    assert sharedexec.share(shared) is shared
+    assert _registry.REGISTRY.shared_publication(shared) is not None
