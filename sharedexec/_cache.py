@@ -22,15 +22,45 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from . import _codec, _names, _publication, _segment
-from ._errors import SegmentNotFoundError
+from ._errors import SegmentNotFoundError, SharedExecWarning
 
 _PHYS_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CACHE_ENV = "SHAREDEXEC_WORKER_CACHE_BYTES"
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
+          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int | None:
+    """``"2GB"``, ``"512MiB"``, ``"1000000"`` in bytes; None if it is not a size."""
+    text = text.strip()
+    number = text.rstrip("kKmMgGtTiIbB").strip()
+    try:
+        size = int(float(number) * _UNITS[text[len(text.rstrip("kKmMgGtTiIbB")) :].upper()])
+    except (ValueError, KeyError):
+        return None
+    return size if size >= 0 else None
+
+
+def cache_budget() -> int:
+    """``$SHAREDEXEC_WORKER_CACHE_BYTES``, or half the machine's memory; a
+    value that is not a size warns and falls back to that."""
+    text = os.environ.get(CACHE_ENV, "")
+    size = parse_size(text) if text.strip() else _PHYS_BYTES // 2
+    if size is None:
+        warnings.warn(
+            f"{CACHE_ENV}={text!r} is not a size (e.g. 2GB, 512MiB, 1000000): using half the "
+            "machine's memory",
+            SharedExecWarning,
+            stacklevel=2,
+        )
+        size = _PHYS_BYTES // 2
+    return size
 
 
 @dataclass(eq=False)
@@ -42,7 +72,7 @@ class _Entry:
 
 class WorkerCache:
     def __init__(self, budget: int | None = None) -> None:
-        self.budget = budget if budget is not None else int(os.environ.get(CACHE_ENV, _PHYS_BYTES // 2))
+        self.budget = budget if budget is not None else cache_budget()
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._boards: dict[str, _segment.Mapping] = {}
@@ -194,6 +224,20 @@ def write_result(obj: Any, owner_pid: int) -> _segment.Mapping:
     raws = [buf.raw() for buf in buffers]
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), owner_pid)
     return mapping
+
+
+def remove_orphan_results(owner_pid: int) -> list[str]:
+    """Unlink results written for ``owner_pid`` by workers that died before
+    the result reached it (a worker killed mid-send: joblib kills busy
+    workers when a task fails). Call only when no result of a dead worker
+    can still be on its way: after an executor's shutdown, a batch's abort."""
+    removed = []
+    for name, owner, _ in _names.list_segments():
+        creator = _segment.creator_of(name) if owner == owner_pid else None
+        if creator is not None and creator != owner_pid and not _names.pid_alive(creator):
+            _segment.retire(name)
+            removed.append(name)
+    return removed
 
 
 def claim_result(name: str) -> Any:

@@ -61,4 +61,7 @@ def read(mapping: _segment.Mapping, attach: Callable[[str], _segment.Mapping]) -
                 f"{target.name}, outside its {target.layout_offset - _segment.ALIGN} bytes of buffers"
             )
         views.append(target.view[offset : offset + nbytes])
-    return _codec.decode(layout, views)
+    try:
+        return _codec.decode(layout, views)
+    except (IndexError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+        raise SegmentCorruptError(f"segment {mapping.name} has a layout that does not match its buffers: {exc}") from exc

@@ -77,32 +77,43 @@ class Publication:
 
 
 class _Board:
-    """The lease board: one byte per outstanding lease, cleared by workers."""
+    """The lease board: one byte per outstanding lease, cleared by workers.
+
+    A taken slot holds a mark (1..255, turning over), and a lease is ended by
+    the publisher only while its slot still holds its mark: a worker may have
+    cleared the slot already, and the slot been taken again for another task,
+    whose lease must not end with this one."""
 
     def __init__(self, owner_pid: int):
         self.mapping = _segment.create([memoryview(bytes(BOARD_SLOTS))], b"", owner_pid)
         self._mm = self.mapping.view.obj
         self._cursor = 0
+        self._mark = 0
 
     @property
     def name(self) -> str:
         return self.mapping.name
 
-    def take(self) -> int:
+    def take(self) -> tuple[int, int]:
+        """A free slot and the lease token for it (slot and mark)."""
         base = _segment.ALIGN
         for start, stop in ((self._cursor, BOARD_SLOTS), (0, self._cursor)):
             pos = self._mm.find(b"\0", base + start, base + stop)
             if pos >= 0:
-                self._mm[pos] = 1
+                self._mark = self._mark % 255 + 1
+                self._mm[pos] = self._mark
                 self._cursor = pos - base + 1
-                return pos - base
-        return NO_SLOT
+                slot = pos - base
+                return slot, slot << 8 | self._mark
+        return NO_SLOT, NO_SLOT
 
     def held(self, slot: int) -> bool:
         return self._mm[_segment.ALIGN + slot] != 0
 
-    def clear(self, slot: int) -> None:
-        self._mm[_segment.ALIGN + slot] = 0
+    def end(self, token: int) -> None:
+        slot, mark = token >> 8, token & 0xFF
+        if self._mm[_segment.ALIGN + slot] == mark:
+            self._mm[_segment.ALIGN + slot] = 0
 
 
 def _buffer_address(raw: memoryview) -> int:
@@ -258,24 +269,25 @@ class Registry:
 
     # -- leases -----------------------------------------------------------------
 
-    def lease(self, pub: Publication) -> tuple[str, int]:
-        """Take a lease on ``pub`` for one pickled handle: (board name, slot)."""
+    def lease(self, pub: Publication) -> tuple[str, int, int]:
+        """Take a lease on ``pub`` for one pickled handle: the board's name,
+        the slot a worker clears, and the token to end it with here."""
         with self._lock:
-            slot = self._board.take()
+            slot, token = self._board.take()
             if slot == NO_SLOT:
                 pub.pinned = True
             else:
                 pub.slots.add(slot)
-            return self._board.name, slot
+            return self._board.name, slot, token
 
-    def end_leases(self, slots: list[int]) -> None:
+    def end_leases(self, tokens: list[int]) -> None:
         """The tasks holding these leases are over (done, failed, cancelled)."""
-        if not slots:
+        if not tokens:
             return
         with self._lock:
-            for slot in slots:
-                if slot != NO_SLOT and self._board is not None:
-                    self._board.clear(slot)
+            for token in tokens:
+                if token != NO_SLOT and self._board is not None:
+                    self._board.end(token)
         self._wake.set()
 
     # -- releasing --------------------------------------------------------------
@@ -305,7 +317,8 @@ class Registry:
                 if pub.source_alive and (pub.source is None or pub.source() is None):
                     pub.source_alive = False
                     pub.fingerprint = None  # it holds the source's arrays alive
-                    self._shared_ids.discard(pub.key)
+                    if self._by_id.get(pub.key) in (None, pub):  # not an id reused by a newer share()
+                        self._shared_ids.discard(pub.key)
                     for key in pub.buffer_keys:
                         if self._buffers.get(key, (None, None))[1] is pub:
                             del self._buffers[key]
@@ -352,6 +365,36 @@ class Registry:
                 "bytes_shared": sum(p.mapping.size for p in self._by_name.values()),
                 **self.counters,
             }
+
+
+class TaskLeases(list):
+    """The lease tokens taken while pickling one submitted task.
+
+    The pool's queue feeder thread appends to it as it pickles the task; the
+    future's done callback calls :meth:`end`. A task may be pickled *after*
+    its future is done: a broken pool fails the tasks still waiting in the
+    feeder's buffer, and the feeder pickles (publishes, leases) them all the
+    same before it finds the pipe closed. A lease taken then is ended at once,
+    or it would keep its segment alive until the process exits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def append(self, token: int) -> None:
+        with self._lock:
+            if not self._ended:
+                super().append(token)
+                return
+        REGISTRY.end_leases([token])
+
+    def end(self, _future: Any = None) -> None:
+        with self._lock:
+            self._ended = True
+            tokens = list(self)
+            self.clear()
+        REGISTRY.end_leases(tokens)
 
 
 REGISTRY = Registry()

@@ -178,16 +178,18 @@ def create(
     try:
         os.ftruncate(fd, size)
         view = memoryview(mmap.mmap(fd, size))
-        placed = [(0, memoryview(bytes(ALIGN))), *zip(offsets, buffers), (layout_offset, memoryview(layout))]
-        _fill(fd, view, placed, directory)
+        # The header first: whoever finds the segment half-filled (its
+        # creator killed meanwhile) can tell who made it, see creator_of().
+        _fill(fd, view, [(0, memoryview(bytes(ALIGN)))], directory)
+        HEADER.pack_into(
+            view, 0, MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, 0
+        )
+        _fill(fd, view, [*zip(offsets, buffers), (layout_offset, memoryview(layout))], directory)
     except BaseException:
         unlink_path(path)
         raise
     finally:
         os.close(fd)
-    HEADER.pack_into(
-        view, 0, MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, 0
-    )
     return Mapping(os.path.basename(path), size, view, layout_offset, len(layout))
 
 
@@ -227,6 +229,16 @@ def attach(
             f"{layout_offset}+{layout_size}, the file has {size} bytes"
         )
     return Mapping(name, size, view, layout_offset, layout_size)
+
+
+def creator_of(name: str, directory: str | None = None) -> int | None:
+    """The pid that created a segment, from its header (None if unreadable)."""
+    try:
+        with open(_path(name, directory), "rb") as f:
+            header = f.read(HEADER.size)
+        return HEADER.unpack(header)[7] if len(header) == HEADER.size and header[:8] == MAGIC else None
+    except (OSError, SegmentCorruptError):
+        return None
 
 
 def retire(name: str, directory: str | None = None) -> None:

@@ -124,9 +124,10 @@ def _reduce_shared(pickler, obj: Any):
             # Its arrays follow in this message: pickle them as they are too.
             pickler.__dict__.setdefault("_sharedexec_plain", set()).update(map(id, _codec.parts(obj)))
             return NotImplemented
-    board, slot = registry.lease(pub)
+    board, slot, token = registry.lease(pub)
     if leases is not None:
-        leases.append(slot)
+        leases.append(token)
+    pickler.__dict__.setdefault("_sharedexec_tokens", []).append(token)
     return _cache._resolve, (pub.name, mmap_mode, board, slot, registry.pid, _names.HOST)
 
 
@@ -159,6 +160,20 @@ def _chain(previous: Callable | None) -> Callable:
     return reducer_override
 
 
+def _chain_dump(previous: Callable) -> Callable:
+    def dump(self, obj):
+        try:
+            return previous(self, obj)
+        except BaseException:
+            # The message will never reach a worker, which would have ended
+            # the leases its handles took: end them now.
+            _registry.REGISTRY.end_leases(self.__dict__.pop("_sharedexec_tokens", []))
+            raise
+
+    dump.__sharedexec__ = True
+    return dump
+
+
 _install_lock = threading.Lock()
 
 
@@ -173,6 +188,8 @@ def install_hooks() -> None:
             current = getattr(cls, "reducer_override", None)
             if not getattr(current, "__sharedexec__", False):
                 cls.reducer_override = _chain(current)
+            if not getattr(cls.dump, "__sharedexec__", False):
+                cls.dump = _chain_dump(cls.dump)
 
 
 # -- the worker side: running a task and sending its result --------------------
@@ -226,7 +243,7 @@ class ResultBox:
         created: list[str] = []
         pickler_cls = _result_pickler(self.options.cloudpickle_results)
         stream = io.BytesIO()
-        pickler = pickler_cls(stream, protocol=pickle.HIGHEST_PROTOCOL)
+        pickler = pickler_cls(stream)  # each base has its own default protocol
         pickler.sharedexec_result = (self.options, self.owner_pid, created)
         try:
             pickler.dump(self.value)
@@ -258,12 +275,15 @@ def _reduce_result(pickler, obj: Any):
 
 @functools.cache
 def _result_pickler(cloudpickle_results: bool) -> type:
+    # The pool's own pickler underneath, so a result is picklable exactly when
+    # the pool could send it (sockets, connections: multiprocessing's extra
+    # reducers; lambdas and local classes: loky's cloudpickle).
     if cloudpickle_results:
-        import cloudpickle
+        from joblib.externals.loky.backend import reduction as loky_reduction
 
-        base = cloudpickle.Pickler
+        base = loky_reduction.get_loky_pickler()
     else:
-        base = pickle.Pickler
+        from multiprocessing.reduction import ForkingPickler as base
     previous = getattr(base, "reducer_override", None)
 
     def reducer_override(self, obj):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -28,17 +29,29 @@ def watch_parent() -> None:
     """Start (once per process) the thread that exits when the parent dies.
 
     Only in multiprocessing children: a task run in the main process must
-    never end it."""
+    never end it. The parent's sentinel says when it dies even where the
+    worker's OS parent is a fork server, which outlives it while it has
+    children; loky's workers have no sentinel, and their OS parent is the
+    caller, so there we watch for re-parenting instead."""
     global _watching_pid
-    if _watching_pid == os.getpid() or multiprocessing.parent_process() is None:
+    parent = multiprocessing.parent_process()
+    if _watching_pid == os.getpid() or parent is None:
         return
     _watching_pid = os.getpid()
-    parent = os.getppid()
+    sentinel = getattr(parent, "_sentinel", None)
+    if sentinel is not None:
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(_POLL_SECONDS)
-        os._exit(1)
+        def watch() -> None:
+            multiprocessing.connection.wait([sentinel])
+            os._exit(1)
+
+    else:
+        ppid = os.getppid()
+
+        def watch() -> None:
+            while os.getppid() == ppid:
+                time.sleep(_POLL_SECONDS)
+            os._exit(1)
 
     threading.Thread(target=watch, name="sharedexec-parent-watch", daemon=True).start()
 
@@ -53,7 +66,9 @@ def explain_read_only(mmap_mode: str):
     try:
         yield
     except ValueError as exc:
-        if "read-only" not in str(exc) or mmap_mode != "r":
+        # numpy says "assignment destination is read-only", or "cannot set
+        # WRITEABLE flag to True of this array" to a task that tries to lift it.
+        if not any(text in str(exc) for text in ("read-only", "WRITEABLE flag")) or mmap_mode != "r":
             raise
         raise SharedReadOnlyError(
             f"{exc}. If this array is data sharedexec shares with other processes "

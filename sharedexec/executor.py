@@ -10,9 +10,10 @@ ends the task's leases when its future completes, fails or is cancelled.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from typing import Any, Callable
 
-from . import _registry, _worker
+from . import _cache, _registry, _worker
 from ._sharing import Options, SharedTask, install_hooks
 
 
@@ -72,15 +73,17 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         )
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        leases: list[int] = []
+        leases = _registry.TaskLeases()
         future = super().submit(SharedTask(fn, self._sharing, leases), *args, **kwargs)
-        future.add_done_callback(lambda _: _registry.REGISTRY.end_leases(leases))
+        future.add_done_callback(leases.end)
         return future
 
     submit.__doc__ = concurrent.futures.ProcessPoolExecutor.submit.__doc__
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait:  # every result has arrived: any other is a dead worker's
+            _cache.remove_orphan_results(os.getpid())
         _registry.REGISTRY.collect()
 
     shutdown.__doc__ = concurrent.futures.ProcessPoolExecutor.shutdown.__doc__

@@ -15,12 +15,13 @@ and ``TerminatedWorkerError`` are joblib's own.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import LokyBackend
 
-from . import _registry
+from . import _cache, _registry
 from ._sharing import Options, SharedTask, install_hooks
 
 
@@ -51,11 +52,19 @@ class JoblibBackend(LokyBackend):
         self._sharing = Options(min_bytes, mmap_mode, on_full, cloudpickle_results=True)
         install_hooks()
 
-    def submit(self, func, callback=None):
-        leases: list[int] = []
+    def submit(self, func: Any, callback: Any = None) -> Any:
+        """Run a batch in a worker, its large arguments shared (joblib's hook)."""
+        leases = _registry.TaskLeases()
         future = super().submit(SharedTask(func, self._sharing, leases), callback)
-        future.add_done_callback(lambda _: _registry.REGISTRY.end_leases(leases))
+        future.add_done_callback(leases.end)
         return future
+
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """joblib's abort (it kills busy workers), then remove the results
+        those workers were sending."""
+        super().abort_everything(ensure_ready=ensure_ready)
+        _cache.remove_orphan_results(os.getpid())
 
 
 register_parallel_backend("sharedexec", JoblibBackend)

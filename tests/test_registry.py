@@ -10,24 +10,19 @@ import pandas as pd
 import pytest
 
 import sharedexec
-from sharedexec import _names, _registry
+from sharedexec import _registry, _segment
 
 from .conftest import owned_segments
 
 
 @pytest.fixture
 def registry():
-    """A private registry, so counts don't depend on other tests."""
+    """A private registry, so counts don't depend on other tests; whatever a
+    test leaves in it is unlinked afterwards."""
     reg = _registry.Registry()
     yield reg
-    for pub in list(reg._by_name.values()):
-        pub.source = None
-        reg._dead.append(pub)
-    reg.collect()
-    if reg._board is not None:
-        from sharedexec import _segment
-
-        _segment.retire(reg._board.name)
+    for name in [*reg._by_name, *([reg._board.name] if reg._board else [])]:
+        _segment.retire(name)
 
 
 def frame(rows=50_000, seed=0):
@@ -98,12 +93,12 @@ def test_segment_freed_when_object_dies_and_no_lease(registry):
 def test_lease_keeps_segment_until_ended(registry):
     df = frame()
     pub = registry.publish(df)
-    _, slot = registry.lease(pub)
+    _, _, token = registry.lease(pub)
     del df
     gc.collect()
     registry.collect()
     assert pub.name in owned_segments()  # a task still carries the handle
-    registry.end_leases([slot])
+    registry.end_leases([token])
     registry.collect()
     assert pub.name not in owned_segments()
 
@@ -111,7 +106,7 @@ def test_lease_keeps_segment_until_ended(registry):
 def test_worker_clearing_the_slot_ends_the_lease(registry):
     df = frame()
     pub = registry.publish(df)
-    _, slot = registry.lease(pub)
+    _, slot, _ = registry.lease(pub)
     del df
     gc.collect()
     registry.collect()
@@ -174,3 +169,15 @@ def test_sharing_a_shared_object_returns_it():
     shared = sharedexec.share(frame())
     assert sharedexec.share(shared) is shared
     assert _registry.REGISTRY.shared_publication(shared) is not None
+
+
+def test_ending_a_lease_never_ends_the_next_holder_of_its_slot(registry):
+    df = frame()
+    pub = registry.publish(df)
+    _, slot, token = registry.lease(pub)
+    registry._board.mapping.view[64 + slot] = 0  # the worker mapped it...
+    registry._board._cursor = slot  # ...and the board came round to the slot again
+    _, again, _ = registry.lease(pub)
+    assert again == slot
+    registry.end_leases([token])  # the first task ends late
+    assert registry._board.held(slot)  # the second lease stands

@@ -1,0 +1,378 @@
+"""``python -m sharedexec doctor`` and ``python -m sharedexec cleanup``.
+
+``doctor`` answers "will sharing work here, and how well?" before a long job
+finds out the hard way: how large and how full the shared-memory directory is
+(Docker gives containers 64 MB by default), whether a segment can really be
+created there, the start method, the versions that matter, the effective
+configuration, and segments left behind by processes that are gone.
+
+``cleanup`` removes those leftovers. A segment's name carries the pid of the
+process that owns it (``sx_<pid>_<random>``, see :mod:`sharedexec._names`), so
+"its owner is gone" is a question about a pid, not about any registration.
+Each owner's reaper normally removes its segments within seconds of its death
+(:mod:`sharedexec._reaper`); leftovers mean the reaper was killed too, the
+machine or container stopped mid-run, or ``SHAREDEXEC_DIR`` pointed at a
+directory the reaper was not told about. ``cleanup`` only *lists* unless given
+``--yes``, and never removes the segment of a live process: it asks again
+whether the owner is alive right before each removal.
+
+Pids are per pid namespace. When one ``/dev/shm`` is shared between
+containers (``docker run --ipc=host`` or ``--ipc=container:...``), a process of
+another container looks dead from here: run ``cleanup`` where the processes
+run. (A pid reused by an unrelated process makes a dead owner look alive: its
+segments are kept, the safe mistake.)
+
+Both commands print to stdout and return an exit code: 0 when all is well (for
+``cleanup``: whatever it was asked to do is done), 1 when there is something
+to act on (``doctor``: a problem listed under "Problems"; ``cleanup``: a
+removal failed or the directory cannot be read), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import multiprocessing
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import _names
+
+#: Below this much free space, doctor warns: a typical DataFrame job wants more.
+LOW_SPACE_BYTES = 1 << 30
+_PROBE_BYTES = 1 << 20
+
+DOCKER_HINT = (
+    "Docker gives containers a 64 MB /dev/shm by default: start the container with a larger "
+    "one (`docker run --shm-size=8g`, `shm_size: 8gb` in docker-compose; on Kubernetes mount an "
+    f"emptyDir with `medium: Memory` at /dev/shm), or set {_names.DIR_ENV} to a directory on a "
+    "larger file system (a tmpfs is fastest; a disk directory works, through the page cache)."
+)
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+# -- segments by owner -----------------------------------------------------------
+
+
+@dataclass
+class Leftovers:
+    """The sharedexec segments of one directory, split by whether their owner lives."""
+
+    directory: str
+    dead: list[tuple[str, int, int]] = field(default_factory=list)  # (name, owner pid, size)
+    live: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def dead_bytes(self) -> int:
+        return sum(size for _, _, size in self.dead)
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(size for _, _, size in self.live)
+
+
+def find_leftovers(directory: str, only_pids: Sequence[int] = ()) -> Leftovers:
+    """Every ``sx_`` segment in ``directory`` (of the owners ``only_pids``,
+    if given), split by whether its owner lives."""
+    found = Leftovers(directory)
+    for name, owner, size in sorted(_names.list_segments(directory)):
+        if only_pids and owner not in only_pids:
+            continue
+        (found.live if _names.pid_alive(owner) else found.dead).append((name, owner, size))
+    return found
+
+
+def _describe_owners(entries: list[tuple[str, int, int]]) -> str:
+    owners = sorted({owner for _, owner, _ in entries})
+    shown = ", ".join(map(str, owners[:8])) + (", ..." if len(owners) > 8 else "")
+    return f"{len(entries)} segment(s), {_fmt(sum(s for _, _, s in entries))}, of {len(owners)} process(es): {shown}"
+
+
+# -- doctor --------------------------------------------------------------------------
+
+
+def _mount_of(path: str) -> tuple[str, str] | None:
+    """(mount point, file system type) of the mount holding ``path`` (Linux)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    real = os.path.realpath(path)
+    best: tuple[str, str] | None = None
+    for line in lines:
+        parts = line.split(" - ", 1)
+        if len(parts) != 2:
+            continue
+        fields, after = parts[0].split(), parts[1].split()
+        if len(fields) < 5 or not after:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        # The last matching mount of the longest point wins (mounts stack).
+        if inside and (best is None or len(point) >= len(best[0])):
+            best = (point, after[0])
+    return best
+
+
+def _probe(directory: str) -> str | None:
+    """Create, reserve, map, write and remove a small segment the way
+    sharedexec does (0600, O_EXCL, posix_fallocate); the error, or None."""
+    path = os.path.join(directory, _names.new_name(os.getpid()))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return f"cannot create a file there: {exc.strerror}"
+    try:
+        try:
+            os.posix_fallocate(fd, 0, _PROBE_BYTES)
+        except OSError as exc:
+            return f"cannot reserve {_fmt(_PROBE_BYTES)} there (posix_fallocate): {exc.strerror}"
+        with mmap.mmap(fd, _PROBE_BYTES) as mm:
+            mm[:4] = b"sx\0\0"
+            mm[-4:] = b"sx\0\0"
+        return None
+    except OSError as exc:
+        return f"cannot map a segment there: {exc.strerror}"
+    finally:
+        os.close(fd)
+        _names.unlink_path(path)
+
+
+def _versions() -> list[tuple[str, str]]:
+    import importlib
+
+    from . import __version__
+
+    rows = [
+        ("python", f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})"),
+        ("sharedexec", __version__),
+    ]
+    for module in ("pandas", "numpy", "pyarrow", "joblib", "cloudpickle"):
+        try:
+            version = getattr(importlib.import_module(module), "__version__", "installed")
+        except ImportError:
+            version = "not installed"
+        rows.append((module, version))
+    return rows
+
+
+def _cache_budget() -> tuple[str, str | None]:
+    """The effective worker cache budget, and a problem with the variable if any."""
+    from . import _cache
+
+    raw = os.environ.get(_cache.CACHE_ENV)
+    default = _cache._PHYS_BYTES // 2
+    if raw is None:
+        return f"(not set) -> {_fmt(default)} per worker (half of physical memory)", None
+    value = _cache.parse_size(raw)
+    if value is None:
+        return f"{raw!r} (invalid)", (
+            f"{_cache.CACHE_ENV}={raw!r} is not a size: write e.g. {_cache.CACHE_ENV}=2GiB "
+            f"(or 2GB, 2147483648)."
+        )
+    return f"{raw} -> {_fmt(value)} per worker", None
+
+
+def build_doctor_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sharedexec doctor",
+        description="Check that sharedexec can share memory here: the shared-memory directory's "
+        "size and free space, a test segment, the start method, versions, configuration, and "
+        "segments left by processes that are gone.",
+        epilog="Exit code: 0 when no problem was found, 1 when a problem is listed.",
+    )
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help=f"the directory to check (default: ${_names.DIR_ENV}, else {_names.DEFAULT_DIR})",
+    )
+    return p
+
+
+def main_doctor(argv: Sequence[str] | None = None) -> int:
+    """``python -m sharedexec doctor``: print a health report; 1 if it lists a problem."""
+    args = build_doctor_parser().parse_args(argv)
+    out = sys.stdout
+    problems: list[str] = []
+    notes: list[str] = []
+
+    def row(label: str, value: str) -> None:
+        print(f"  {label:<30} {value}", file=out)
+
+    env_dir = os.environ.get(_names.DIR_ENV)
+    directory = args.dir or _names.shm_dir()
+    print("Shared memory", file=out)
+    source = "--dir" if args.dir else f"${_names.DIR_ENV}" if env_dir else "default"
+    row("directory", f"{directory} ({source})")
+    if not os.path.isdir(directory):
+        problems.append(
+            f"{directory} does not exist or is not a directory: sharedexec cannot create segments. "
+            f"Create it, or set {_names.DIR_ENV} to an existing directory."
+        )
+        leftovers = Leftovers(directory)
+    else:
+        st = os.statvfs(directory)
+        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        leftovers = find_leftovers(directory)
+        ours = leftovers.dead_bytes + leftovers.live_bytes
+        mount = _mount_of(directory)
+        if mount is not None:
+            row("file system", f"{mount[1]} mounted at {mount[0]}")
+            if mount[1] not in ("tmpfs", "shm", "ramfs"):
+                notes.append(
+                    f"{directory} is on a {mount[1]} file system, not a tmpfs: sharing works, but "
+                    "segments go through the page cache and may be written to disk."
+                )
+        row("size", _fmt(total))
+        row("free", f"{_fmt(free)} ({_fmt(ours)} used by sharedexec segments)")
+        if total < LOW_SPACE_BYTES:
+            problems.append(
+                f"{directory} holds only {_fmt(total)} in all: a DataFrame larger than that "
+                f"cannot be shared (sharedexec falls back to pickling it, once per task). " + DOCKER_HINT
+            )
+        elif free < LOW_SPACE_BYTES:
+            problems.append(
+                f"{directory} has only {_fmt(free)} free of {_fmt(total)}: large DataFrames will "
+                "not fit (sharedexec falls back to pickling them, once per task). Free space there "
+                "(see the leftover segments below), or: " + DOCKER_HINT
+            )
+        error = _probe(directory)
+        row("test segment", "created, mapped and removed" if error is None else f"FAILED: {error}")
+        if error is not None:
+            problems.append(f"sharedexec cannot create segments in {directory}: {error}.")
+
+    print("Leftover segments", file=out)
+    if leftovers.dead:
+        row("of processes that are gone", _describe_owners(leftovers.dead))
+        problems.append(
+            f"{len(leftovers.dead)} segment(s) ({_fmt(leftovers.dead_bytes)}) in {directory} belong to "
+            "processes that are gone. Remove them with `python -m sharedexec cleanup --yes`"
+            + (f" (with {_names.DIR_ENV}={directory})" if env_dir else "")
+            + "."
+        )
+    else:
+        row("of processes that are gone", "none")
+    row("of live processes", _describe_owners(leftovers.live) if leftovers.live else "none")
+
+    print("Processes", file=out)
+    methods = multiprocessing.get_all_start_methods()
+    chosen = multiprocessing.get_start_method(allow_none=True)
+    row("default start method", f"{chosen or methods[0]} (available: {', '.join(methods)})")
+    row("CPUs", str(os.cpu_count()))
+
+    print("Versions", file=out)
+    versions = _versions()
+    for name, version in versions:
+        row(name, version)
+    if dict(versions).get("pyarrow") == "not installed":
+        notes.append(
+            "pyarrow is not installed: pandas' Arrow-backed string columns are unavailable, and "
+            "string columns stored as Python objects are unpickled once per worker instead of "
+            "being shared zero-copy. `pip install pyarrow` to share them."
+        )
+
+    print("Configuration", file=out)
+    row(_names.DIR_ENV, f"{env_dir} -> {_names.shm_dir()}" if env_dir else f"(not set) -> {_names.DEFAULT_DIR}")
+    budget, problem = _cache_budget()
+    from . import _cache
+
+    row(_cache.CACHE_ENV, budget)
+    if problem:
+        problems.append(problem)
+
+    for title, items in (("Notes", notes), ("Problems", problems)):
+        if items:
+            print(title, file=out)
+            for item in items:
+                print(f"  - {item}", file=out)
+    print("Result: " + (f"{len(problems)} problem(s) found." if problems else "no problem found."), file=out)
+    return 1 if problems else 0
+
+
+# -- cleanup -------------------------------------------------------------------------
+
+
+def build_cleanup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sharedexec cleanup",
+        description="List the sharedexec segments (sx_<pid>_<random>) whose owning process is "
+        "gone, and remove them with --yes. Segments of live processes are never removed.",
+        epilog="Pids are per pid namespace: if this /dev/shm is shared with other containers "
+        "(--ipc=host), run cleanup where the owning processes run. Exit code: 0 when done, "
+        "1 when a segment could not be removed or the directory cannot be read.",
+    )
+    p.add_argument("--yes", "-y", action="store_true", help="remove them (default: only list what would go)")
+    p.add_argument(
+        "--dir",
+        metavar="DIR",
+        help=f"the directory to clean (default: ${_names.DIR_ENV}, else {_names.DEFAULT_DIR})",
+    )
+    p.add_argument(
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PID",
+        help="only the segments of this owner pid (repeatable); still only if it is gone",
+    )
+    return p
+
+
+def main_cleanup(argv: Sequence[str] | None = None) -> int:
+    """``python -m sharedexec cleanup [--yes]``: list, or remove, segments of processes that are gone."""
+    args = build_cleanup_parser().parse_args(argv)
+    out = sys.stdout
+    directory = args.dir or _names.shm_dir()
+    if not os.path.isdir(directory):
+        print(f"{directory} does not exist or is not a directory: nothing to clean.", file=out)
+        return 1
+    if not os.access(directory, os.R_OK | os.X_OK):
+        print(f"cannot read {directory}: permission denied.", file=out)
+        return 1
+    found = find_leftovers(directory, args.pid)
+    if found.live:
+        print(f"Keeping {_describe_owners(found.live)} (alive).", file=out)
+    if not found.dead:
+        print(f"No segment of a process that is gone in {directory}.", file=out)
+        return 0
+    verb = "Removing" if args.yes else "Would remove"
+    print(f"{verb} {_describe_owners(found.dead)} (gone):", file=out)
+    failed = removed = 0
+    freed = 0
+    for name, owner, size in found.dead:
+        path = os.path.join(directory, name)
+        print(f"  {path}  {_fmt(size)}  (process {owner})", file=out)
+        if not args.yes:
+            continue
+        # Ask again right before removing: never a live process's segment.
+        if _names.pid_alive(owner):
+            print(f"    kept: process {owner} is alive now", file=out)
+            continue
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue  # its reaper (or another cleanup) was faster
+        except OSError as exc:
+            print(f"    FAILED: {exc.strerror}", file=out)
+            failed += 1
+            continue
+        removed += 1
+        freed += size
+    if not args.yes:
+        again = " ".join(["python -m sharedexec cleanup --yes", *(["--dir", args.dir] if args.dir else [])]
+                         + [f"--pid {pid}" for pid in args.pid])
+        print(f"Nothing removed. Run `{again}` to remove them.", file=out)
+        return 0
+    print(f"Removed {removed} segment(s), {_fmt(freed)}." + (f" {failed} could not be removed." if failed else ""), file=out)
+    return 1 if failed else 0
