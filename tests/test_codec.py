@@ -902,3 +902,20 @@ def test_memory_met_twice_is_published_once_and_stays_shared(build: Callable[[],
     assert_identical(got, obj)
     addresses = {b.address for b in data_buffers(got)}
     assert len(addresses) == n_buffers
+
+
+def test_repeated_objects_are_stored_once():
+    """An object column of few distinct values decodes to one object per
+    value, not one per row (what each worker would otherwise hold)."""
+    words = np.array(["alpha", "beta", "gamma"] * 10_000, dtype=object)
+    words[5] = 1
+    words[6] = True  # equal to 1, but another type: kept apart
+    words[7] = None
+    df = pd.DataFrame({"s": [w if i % 3 else w + "" for i, w in enumerate(["alpha", "beta", "gamma"] * 10_000)], "w": words})
+    layout, buffers = _codec.encode(df)
+    back = _codec.decode(layout, [memoryview(b.raw()).toreadonly() for b in buffers])
+    pd.testing.assert_frame_equal(back, df, check_exact=True)
+    column = back["w"].to_numpy()
+    assert type(column[5]) is int and type(column[6]) is bool and column[7] is None
+    assert len({id(v) for v in column}) <= 6
+    assert len(layout) < 200_000  # 30 000 pointers' worth, not 30 000 strings

@@ -1,0 +1,204 @@
+"""What runs in the workers: the benchmark's tasks and the worker side of the
+approaches that hand the frame over outside the task's arguments.
+
+Everything here is a module-level function, so that the spawn and forkserver start
+methods (and Ray, and loky) can pickle it by reference and import it in a worker.
+
+Every task returns ``figure(df) + i``: a figure of the whole frame plus the task's
+index, so the expected results cost one call in the parent, and a worker that got
+the wrong frame (or a stale one) returns a wrong number that the runner reports.
+
+* :func:`task_len` -- ``len(df) + i``, the brief's trivial task: it measures what
+  getting the frame into the worker costs, and nothing else.
+* :func:`task_touch` -- reads every memory page of every column (numeric buffers,
+  datetime, categorical codes, Arrow buffers) and every Python string object. Pages
+  of a shared segment are mapped lazily, so only a task like this one shows what a
+  worker that really uses the data adds to memory (e.g. copy-on-write copies of
+  object strings whose reference counts it touches after a fork).
+* :func:`task_hold` -- :func:`task_touch`, then waits until every worker of the
+  pool holds the frame too (a file barrier, see :func:`barrier`): the memory of a
+  pool whose tasks all work on the frame at once, as long tasks do. With trivial
+  tasks a pickling executor never holds more than a few copies, because its
+  parent pickles one task at a time; that would hide how memory grows with workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PAGE = mmap.PAGESIZE
+
+Task = Callable[[pd.DataFrame, int], int]
+
+
+def warm(i: int) -> int:
+    """The warm-up task: imports in a worker what tasks will need; returns its pid.
+
+    The same modules in every approach's workers (pandas, and pyarrow and sharedexec
+    where installed), so that a worker's first real task imports nothing and no
+    approach's memory figure holds another one's import costs: the figures are those
+    of a pool that has been running for a while. It lasts 10 ms, so that a round
+    of them spreads over all the workers.
+    """
+    for name in ("pyarrow", "sharedexec"):
+        try:
+            importlib.import_module(name)
+        except Exception:  # not installed, or mid-rewrite: the task will say so itself
+            pass
+    time.sleep(0.01)
+    return os.getpid()
+
+
+def task_len(df: pd.DataFrame, i: int) -> int:
+    """The trivial task: ``len(df) + i``."""
+    return len(df) + i
+
+
+def task_touch(df: pd.DataFrame, i: int) -> int:
+    """Read every page of every column: ``checksum(df) + i``."""
+    return checksum(df) + i
+
+
+def task_hold(df: pd.DataFrame, i: int) -> int:
+    """:func:`task_touch`, then wait at the barrier until all workers hold the frame."""
+    value = task_touch(df, i)
+    _arrive(i)
+    return value
+
+
+# The barrier is a directory, not a multiprocessing object: a task cannot receive
+# one through its arguments under spawn/forkserver, Ray or loky, and must not need
+# anything but (df, i). Its path is fixed, so every kind of worker finds it.
+BARRIER_DIR = os.path.join(tempfile.gettempdir(), "sharedexec-bench-barrier")
+BARRIER_TIMEOUT = 60.0
+
+
+@contextlib.contextmanager
+def barrier(parties: int) -> Iterator[None]:
+    """Open the barrier of :func:`task_hold` for ``parties`` tasks, in the parent."""
+    shutil.rmtree(BARRIER_DIR, ignore_errors=True)
+    os.makedirs(BARRIER_DIR)
+    with open(os.path.join(BARRIER_DIR, "parties"), "w") as f:
+        f.write(f"{parties} {os.getpid()}")
+    try:
+        yield
+    finally:
+        shutil.rmtree(BARRIER_DIR, ignore_errors=True)
+
+
+def _arrive(i: int) -> None:
+    try:
+        with open(os.path.join(BARRIER_DIR, "parties")) as f:
+            parties, opener = map(int, f.read().split())
+    except FileNotFoundError:  # no barrier open: nothing to wait for
+        return
+    if os.getpid() == opener:  # the parent computing the expected result
+        return
+    open(os.path.join(BARRIER_DIR, f"arrived-{i}"), "w").close()
+    deadline = time.monotonic() + BARRIER_TIMEOUT
+    while len(os.listdir(BARRIER_DIR)) - 1 < parties and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _page_sample(values: np.ndarray) -> int:
+    # One byte every PAGE bytes: any PAGE-long window of the buffer holds exactly one
+    # sample, so every page is read, for a thousandth of the work of reading it all.
+    # An unsigned integer sum is exact and order-free: every process gets the same.
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    return int(raw[::PAGE].sum(dtype=np.uint64))
+
+
+def _column_checksum(s: pd.Series) -> int:
+    values = s.array
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return _page_sample(values.codes)
+    if isinstance(s.dtype, pd.DatetimeTZDtype):
+        return _page_sample(values.asi8)
+    if isinstance(s.dtype, np.dtype) and s.dtype.kind != "O":
+        return _page_sample(s.to_numpy())
+    if hasattr(values, "__arrow_array__"):
+        # Arrow-backed (pandas' "str" with pyarrow storage): every buffer of every chunk.
+        chunks = values.__arrow_array__().chunks
+        return sum(_page_sample(np.frombuffer(b, np.uint8)) for c in chunks for b in c.buffers() if b is not None)
+    # Python objects: visit each one, as real code would (this touches refcounts).
+    # Through the numpy array: iterating the pandas array goes through __getitem__.
+    return sum(len(v) for v in s.to_numpy() if isinstance(v, str))
+
+
+def checksum(df: pd.DataFrame) -> int:
+    """An integer that depends on every page of every column of ``df``."""
+    return sum(_column_checksum(df.iloc[:, k]) for k in range(df.shape[1]))
+
+
+# ---------------------------------------------------------------------------
+# Frames that reach the workers outside the task's arguments.
+#
+# fork copy-on-write global: the parent sets _FRAME before the pool forks, and the
+# children inherit it. mp.Array: the pool initializer stores the shared array and its
+# layout in _ARRAY, and the first task wraps it as a frame with np.frombuffer (lazily,
+# so that this cost is timed and its memory measured like every other approach's).
+
+_FRAME: pd.DataFrame | None = None
+_ARRAY: tuple[Any, list[tuple[str, list[str], int]], int] | None = None
+
+
+def set_global_frame(df: pd.DataFrame | None) -> None:
+    """Set (or, with None, drop) the frame that :func:`call_on_global` passes to tasks."""
+    global _FRAME
+    _FRAME = df
+
+
+def set_array(raw: Any, layout: list[tuple[str, list[str], int]], rows: int) -> None:
+    """Pool initializer of the ``multiprocessing.Array`` approach."""
+    global _ARRAY
+    _ARRAY = (raw, layout, rows)
+
+
+def array_blocks(raw: Any, layout: list[tuple[str, list[str], int]], rows: int) -> list[tuple[list[str], np.ndarray]]:
+    """Views of a shared byte array as (columns, rows) blocks, one per dtype.
+
+    ``layout`` lists, per dtype, the column names and the byte offset of its
+    C-ordered block: pandas' own block layout, so each block can become a
+    DataFrame block as it is.
+    """
+    buf = np.frombuffer(raw, dtype=np.uint8)
+    blocks = []
+    for dtype, names, offset in layout:
+        dt = np.dtype(dtype)
+        blocks.append((names, buf[offset : offset + dt.itemsize * rows * len(names)].view(dt).reshape(len(names), rows)))
+    return blocks
+
+
+def frame_from_array(raw: Any, layout: list[tuple[str, list[str], int]], rows: int) -> pd.DataFrame:
+    """Wrap a shared byte array as a frame, without copying (see :func:`array_blocks`)."""
+    parts = [pd.DataFrame(block.T, columns=names, copy=False) for names, block in array_blocks(raw, layout, rows)]
+    return pd.concat(parts, axis=1)
+
+
+def call_on_global(task: Task, i: int) -> int:
+    """Run ``task`` on the frame this worker holds outside the arguments."""
+    global _FRAME
+    if _FRAME is None and _ARRAY is not None:
+        _FRAME = frame_from_array(*_ARRAY)
+    assert _FRAME is not None, "no frame in this worker: call set_global_frame or set_array first"
+    return task(_FRAME, i)
+
+
+def call_on_namespace(task: Task, namespace: Any, i: int) -> int:
+    """Run ``task`` on the frame held by a ``multiprocessing.Manager().Namespace()``.
+
+    Reading ``namespace.df`` makes the manager process pickle the frame and send it:
+    the cost the users who are advised to do this pay on every task.
+    """
+    return task(namespace.df, i)

@@ -1,0 +1,234 @@
+"""Smoke tests of the benchmark harness and the demo (sharedexec.bench).
+
+Fast by design: tiny frames and ``--quick``. The memory meter is checked against
+allocations of known size in child processes; the targets and plots against
+made-up results, so that their logic is tested without a long run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("psutil")
+
+import sharedexec  # noqa: E402
+from sharedexec.bench import demo_main, main, report, tasks  # noqa: E402
+from sharedexec.bench.approaches import BY_KEY, NumericArray  # noqa: E402
+from sharedexec.bench.frames import make_frame, make_mixed_frame  # noqa: E402
+from sharedexec.bench.memory import SHM_DIR, MemoryMeter, _private_kb, shm_used_bytes  # noqa: E402
+from sharedexec.bench.runner import Result  # noqa: E402
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the meter reads /proc/PID/smaps_rollup")
+MB = 1 << 20
+
+# A child that says "started" once numpy is imported, then holds what it is told
+# to (a byte count: private memory it writes; a path: a /dev/shm file it maps and
+# reads), says "ready", and exits at EOF on stdin.
+CHILD = r"""
+import mmap, sys
+import numpy as np
+print("started", flush=True)
+line = sys.stdin.readline().strip()
+if line.startswith("/"):
+    with open(line, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 0)
+    held = np.frombuffer(m, np.uint8)[:: mmap.PAGESIZE].sum()
+else:
+    held = np.ones(int(line), np.uint8)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+class Children:
+    """Child processes started (interpreter and numpy loaded) before a meter's baseline."""
+
+    def __init__(self, n: int):
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(n)
+        ]
+        for p in self.procs:
+            assert p.stdout.readline().strip() == "started"
+
+    def hold(self, payload: str) -> None:
+        for p in self.procs:
+            p.stdin.write(payload + "\n")
+            p.stdin.flush()
+        for p in self.procs:
+            assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.15)  # several samples while everything is held
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.close()
+            p.wait(timeout=30)
+
+
+def _wait_for_quiet_shm(timeout: float = 10.0) -> None:
+    # /dev/shm is system-wide: let earlier tests' segments be reaped first, so that
+    # only this test's file moves the figure.
+    deadline, last = time.monotonic() + timeout, shm_used_bytes()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = shm_used_bytes()
+        if now == last:
+            return
+        last = now
+
+
+@linux_only
+def test_meter_sees_memory_written_by_a_child():
+    children = Children(1)
+    try:
+        with MemoryMeter(shm_dirs=()) as meter:  # private memory only: immune to others' /dev/shm
+            children.hold(str(200 * MB))
+    finally:
+        children.close()
+    assert 150e6 <= meter.peak_extra <= 350e6, meter.peak_extra
+    assert meter.samples >= 3
+
+
+@linux_only
+def test_meter_counts_a_shared_memory_file_once():
+    # Mapped and read by two processes, written by a third: counted once, by /dev/shm.
+    path = os.path.join(SHM_DIR, f"sx_bench_test_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+    children = Children(2)
+    _wait_for_quiet_shm()
+    try:
+        with MemoryMeter() as meter:
+            with open(path, "wb") as f:
+                for _ in range(100):  # 1 MB at a time: no 100 MB temporary in this process
+                    f.write(b"\1" * MB)
+            children.hold(path)
+    finally:
+        children.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    assert 90e6 <= meter.peak_extra <= 150e6, meter.peak_extra
+
+
+def test_meter_skips_processes_that_are_gone():
+    assert _private_kb(2**22 + 12345) is None  # above Linux's largest pid
+
+
+def test_frames():
+    obj, arrow = make_frame(1000, string_columns=2), make_frame(1000, string_kind="arrow")
+    assert obj.dtypes.astype(str).value_counts().to_dict() == {"float64": 60, "int64": 30, "object": 2}
+    assert str(arrow["s0"].dtype) == "str" and arrow["s0"].dtype.storage == "pyarrow"
+    pd.testing.assert_frame_equal(obj.iloc[:, :90], arrow.iloc[:, :90])  # same numbers, either kind
+    mixed = make_mixed_frame(1000)
+    kinds = {type(d).__name__ for d in mixed.dtypes}
+    assert {"DatetimeTZDtype", "CategoricalDtype", "StringDtype"} <= kinds
+    assert (mixed.dtypes == object).any()
+    assert tasks.task_touch(mixed, 3) == tasks.task_touch(mixed.copy(), 0) + 3
+
+
+def test_numeric_array_frame_is_a_view():
+    frame = make_frame(1000, string_columns=1)
+    approach = NumericArray()
+    raw, layout, rows = approach.prepare(frame)
+    view = tasks.frame_from_array(raw, layout, rows)
+    pd.testing.assert_frame_equal(view, approach.frame_for(frame), check_like=True)  # blocks by dtype
+    assert np.shares_memory(view["f0"].to_numpy(), np.frombuffer(raw, np.uint8))
+
+
+def _result(key: str, kind: str, per_task: float, phase: str = "main", workers: int = 2, peak: int | None = None, status: str = "ok") -> Result:
+    return Result(
+        approach=key, label=key, note="", string_kind=kind, task="task_len" if phase == "main" else "task_touch",
+        workers=workers, tasks=10, frame_bytes=100 * MB, rows=1000, phase=phase, status=status,
+        reason="skipped: ray not installed" if status == "unavailable" else "",
+        correct=status == "ok" or None, wall_s=per_task * 10, per_task_s=per_task, first_s=per_task,
+        peak_extra_bytes=peak,
+    )
+
+
+def test_targets_are_ratios_of_the_run(tmp_path):
+    results = [
+        _result("stdlib", "object", 1.5),
+        _result("joblib", "object", 0.06),
+        _result("ray", "object", 0, status="unavailable"),
+        _result("sharedexec", "object", 0.002),
+        _result("stdlib", "object", 2.0, phase="workers", workers=8, peak=900 * MB),
+        _result("sharedexec", "object", 0.01, phase="workers", workers=8, peak=140 * MB),
+    ]
+    targets = {t.what.split(",")[0]: t for t in report.compute_targets(results, workers=2)}
+    assert targets["sharedexec vs stdlib"].status == "PASS" and targets["sharedexec vs stdlib"].value == pytest.approx(750)
+    assert targets["sharedexec vs joblib default"].status == "PASS"
+    assert targets["sharedexec vs Ray"].status == "n/a" and "not installed" in targets["sharedexec vs Ray"].why
+    assert targets["sharedexec peak extra memory"].status == "MISS"  # 1.4x > 1.3x
+    assert targets["sharedexec peak extra memory"].value == pytest.approx(1.4)
+    report.plot_main(str(tmp_path / "main.png"), results, "test")
+    report.plot_sweep(str(tmp_path / "w.png"), results[-2:], "workers", "peak_extra_bytes", "workers", "GB", "test", 100 * MB)
+    for name in ("main.png", "w.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_progress_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    bar = report.Progress(4, "stepping")
+    for _ in range(4):
+        bar.update()
+    bar.close()
+    assert "[100%] stepping" in capsys.readouterr().err
+
+
+def test_unknown_skip_name_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--quick", "--skip", "nonsense"])
+    assert "unknown approach nonsense" in capsys.readouterr().err
+
+
+def _needed(key: str) -> bool:
+    """Whether the sharedexec entry point an approach needs exists by now."""
+    from joblib.parallel import BACKENDS
+
+    return {
+        "sharedexec": hasattr(sharedexec, "ProcessPoolExecutor"),
+        "pool-shared": hasattr(sharedexec, "shared"),
+        "joblib-sharedexec": "sharedexec" in BACKENDS,
+        "ray": False,
+    }.get(key, True)
+
+
+@linux_only
+@pytest.mark.slow
+def test_quick_bench_writes_correct_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["--quick", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "versions: python" in text and "targets" in text
+    doc = json.loads(out_json.read_text())
+    assert doc["machine"]["cores"] and doc["versions"]["pandas"] == pd.__version__
+    for kind in ("object", "arrow"):
+        for task in ("task_len", "task_touch"):
+            got = {r["approach"]: r for r in doc["results"] if (r["string_kind"], r["task"], r["phase"]) == (kind, task, "main")}
+            assert set(got) == set(BY_KEY)
+            for key, r in got.items():
+                if _needed(key):
+                    assert r["status"] == "ok", (key, r["reason"], r["traceback"])
+                if r["status"] == "ok":
+                    assert r["correct"] is True, key
+                    assert r["peak_extra_bytes"] is not None and r["per_task_s"] > 0
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+@linux_only
+def test_quick_demo(capsys):
+    code = demo_main(["--quick"])
+    text = capsys.readouterr().out
+    if hasattr(sharedexec, "ProcessPoolExecutor"):
+        assert code == 0, text
+        assert "sharedexec ran each task" in text
+    else:
+        assert code == 1 and "could not run" in text
