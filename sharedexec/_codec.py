@@ -161,9 +161,12 @@ def _reduce_object_array(arr: np.ndarray):
     few repeats to pay, leave the array as it is."""
     if arr.size < 1024:
         return NotImplemented
+    flat = arr.ravel(order="K")
     canonical: dict = {}
     try:
-        values = [canonical.setdefault((type(v), v), v) for v in arr.ravel(order="K")]
+        if len({(type(v), v) for v in flat[:4096]}) > 2048:
+            return NotImplemented  # mostly distinct: not worth a pass over every value
+        values = [canonical.setdefault((type(v), v), v) for v in flat]
     except TypeError:
         return NotImplemented
     if len(canonical) > arr.size // 2:

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import _names
+from ._segment import format_bytes
 
 #: Below this much free space, doctor warns: a typical DataFrame job wants more.
 LOW_SPACE_BYTES = 1 << 30
@@ -51,14 +52,6 @@ DOCKER_HINT = (
     f"emptyDir with `medium: Memory` at /dev/shm), or set {_names.DIR_ENV} to a directory on a "
     "larger file system (a tmpfs is fastest; a disk directory works, through the page cache)."
 )
-
-
-def _fmt(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 # -- segments by owner -----------------------------------------------------------
@@ -95,7 +88,7 @@ def find_leftovers(directory: str, only_pids: Sequence[int] = ()) -> Leftovers:
 def _describe_owners(entries: list[tuple[str, int, int]]) -> str:
     owners = sorted({owner for _, owner, _ in entries})
     shown = ", ".join(map(str, owners[:8])) + (", ..." if len(owners) > 8 else "")
-    return f"{len(entries)} segment(s), {_fmt(sum(s for _, _, s in entries))}, of {len(owners)} process(es): {shown}"
+    return f"{len(entries)} segment(s), {format_bytes(sum(s for _, _, s in entries))}, of {len(owners)} process(es): {shown}"
 
 
 # -- doctor --------------------------------------------------------------------------
@@ -137,7 +130,7 @@ def _probe(directory: str) -> str | None:
         try:
             os.posix_fallocate(fd, 0, _PROBE_BYTES)
         except OSError as exc:
-            return f"cannot reserve {_fmt(_PROBE_BYTES)} there (posix_fallocate): {exc.strerror}"
+            return f"cannot reserve {format_bytes(_PROBE_BYTES)} there (posix_fallocate): {exc.strerror}"
         with mmap.mmap(fd, _PROBE_BYTES) as mm:
             mm[:4] = b"sx\0\0"
             mm[-4:] = b"sx\0\0"
@@ -174,14 +167,14 @@ def _cache_budget() -> tuple[str, str | None]:
     raw = os.environ.get(_cache.CACHE_ENV)
     default = _cache._PHYS_BYTES // 2
     if raw is None:
-        return f"(not set) -> {_fmt(default)} per worker (half of physical memory)", None
+        return f"(not set) -> {format_bytes(default)} per worker (half of physical memory)", None
     value = _cache.parse_size(raw)
     if value is None:
         return f"{raw!r} (invalid)", (
             f"{_cache.CACHE_ENV}={raw!r} is not a size: write e.g. {_cache.CACHE_ENV}=2GiB "
             f"(or 2GB, 2147483648)."
         )
-    return f"{raw} -> {_fmt(value)} per worker", None
+    return f"{raw} -> {format_bytes(value)} per worker", None
 
 
 def build_doctor_parser() -> argparse.ArgumentParser:
@@ -234,16 +227,16 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
                     f"{directory} is on a {mount[1]} file system, not a tmpfs: sharing works, but "
                     "segments go through the page cache and may be written to disk."
                 )
-        row("size", _fmt(total))
-        row("free", f"{_fmt(free)} ({_fmt(ours)} used by sharedexec segments)")
+        row("size", format_bytes(total))
+        row("free", f"{format_bytes(free)} ({format_bytes(ours)} used by sharedexec segments)")
         if total < LOW_SPACE_BYTES:
             problems.append(
-                f"{directory} holds only {_fmt(total)} in all: a DataFrame larger than that "
+                f"{directory} holds only {format_bytes(total)} in all: a DataFrame larger than that "
                 f"cannot be shared (sharedexec falls back to pickling it, once per task). " + DOCKER_HINT
             )
         elif free < LOW_SPACE_BYTES:
             problems.append(
-                f"{directory} has only {_fmt(free)} free of {_fmt(total)}: large DataFrames will "
+                f"{directory} has only {format_bytes(free)} free of {format_bytes(total)}: large DataFrames will "
                 "not fit (sharedexec falls back to pickling them, once per task). Free space there "
                 "(see the leftover segments below), or: " + DOCKER_HINT
             )
@@ -256,7 +249,7 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
     if leftovers.dead:
         row("of processes that are gone", _describe_owners(leftovers.dead))
         problems.append(
-            f"{len(leftovers.dead)} segment(s) ({_fmt(leftovers.dead_bytes)}) in {directory} belong to "
+            f"{len(leftovers.dead)} segment(s) ({format_bytes(leftovers.dead_bytes)}) in {directory} belong to "
             "processes that are gone. Remove them with `python -m sharedexec cleanup --yes`"
             + (f" (with {_names.DIR_ENV}={directory})" if env_dir else "")
             + "."
@@ -352,7 +345,7 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
     freed = 0
     for name, owner, size in found.dead:
         path = os.path.join(directory, name)
-        print(f"  {path}  {_fmt(size)}  (process {owner})", file=out)
+        print(f"  {path}  {format_bytes(size)}  (process {owner})", file=out)
         if not args.yes:
             continue
         # Ask again right before removing: never a live process's segment.
@@ -374,5 +367,5 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
                          + [f"--pid {pid}" for pid in args.pid])
         print(f"Nothing removed. Run `{again}` to remove them.", file=out)
         return 0
-    print(f"Removed {removed} segment(s), {_fmt(freed)}." + (f" {failed} could not be removed." if failed else ""), file=out)
+    print(f"Removed {removed} segment(s), {format_bytes(freed)}." + (f" {failed} could not be removed." if failed else ""), file=out)
     return 1 if failed else 0

@@ -16,7 +16,10 @@ import time
 
 import pytest
 
+import sharedexec
 from sharedexec import _names, _registry, _segment
+
+from ._tasks import make_frame
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -60,6 +63,20 @@ def _describe(name: str) -> str:
         return f"{name} (created by pid {header[7]}, owner {header[8]}, {header[4]} bytes)"
     except (OSError, ValueError) as exc:
         return f"{name} ({exc})"
+
+
+@pytest.fixture(scope="module")
+def big_frame():
+    """A frame above the default min_bytes (1 MiB): shared by default."""
+    frame = make_frame(150_000)  # ~4 MB
+    assert sharedexec._codec.nbytes(frame) > 1 << 20
+    return frame
+
+
+@pytest.fixture(params=["small-args", "large-frame"])
+def frame(request, big_frame):
+    """Each conformance case with small arguments only, then with a large frame."""
+    return None if request.param == "small-args" else big_frame
 
 
 @pytest.fixture

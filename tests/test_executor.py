@@ -46,18 +46,6 @@ def executor_cls(request):
     return EXECUTORS[request.param]
 
 
-@pytest.fixture(scope="module")
-def big_frame():
-    frame = make_frame(150_000)  # ~4 MB: above the default min_bytes (1 MiB)
-    assert sharedexec._codec.nbytes(frame) > 1 << 20
-    return frame
-
-
-@pytest.fixture(params=["small-args", "large-frame"])
-def frame(request, big_frame):
-    return None if request.param == "small-args" else big_frame
-
-
 @pytest.fixture(scope="module", params=[(n, m) for m in START_METHODS for n in EXECUTORS], ids="-".join)
 def warm_pool(request):
     """One pool of 2 workers per (executor, start method), for the cases that

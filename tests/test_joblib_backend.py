@@ -40,18 +40,6 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture(scope="module")
-def big_frame():
-    frame = make_frame(150_000)  # ~4 MB: above the default min_bytes (1 MiB)
-    assert sharedexec._codec.nbytes(frame) > 1 << 20
-    return frame
-
-
-@pytest.fixture(params=["small-args", "large-frame"])
-def frame(request, big_frame):
-    return None if request.param == "small-args" else big_frame
-
-
 @pytest.fixture
 def files(tmp_path):
     return lambda name: str(tmp_path / name)
