@@ -45,9 +45,14 @@ import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+try:
+    import pyarrow as pa
+except ImportError:  # pragma: no cover - the no-pyarrow CI job
+    pa = None
 
 from . import _codec, _names, _publication, _reaper, _segment
 
@@ -120,12 +125,20 @@ def _buffer_address(raw: memoryview) -> int:
     return np.frombuffer(raw, dtype=np.uint8).ctypes.data if raw.nbytes else 0
 
 
-def _memory_owner(raw: memoryview):
-    """The object owning ``raw``'s memory, if we can hold it weakly: then a
-    buffer at the same address is the same bytes for as long as it lives."""
+def _memory_owner(raw: memoryview) -> Callable[[], Any] | None:
+    """A reference to what owns ``raw``'s memory: while it answers, a buffer
+    at the same address and size is the same bytes.
+
+    numpy's owner is held weakly: it may be a temporary (a contiguous copy of
+    a strided array) that must not be kept. pyarrow wraps each buffer in a
+    new ``pa.Buffer`` every time an array is pickled, so that wrapper is held
+    strongly; it keeps the source's own memory, no more, and only until the
+    entry goes with its source (``Registry.collect``)."""
     owner = raw.obj
     while isinstance(owner, np.ndarray) and owner.base is not None:
         owner = owner.base
+    if pa is not None and isinstance(owner, pa.Buffer):
+        return lambda: owner
     try:
         return weakref.ref(owner)
     except TypeError:
@@ -138,7 +151,7 @@ class Registry:
         self._lock = threading.RLock()
         self._by_id: dict[int, Publication] = {}
         self._by_name: dict[str, Publication] = {}
-        self._buffers: dict[tuple[int, int], tuple[weakref.ref, Publication, int]] = {}
+        self._buffers: dict[tuple[int, int], tuple[Callable[[], Any], Publication, int]] = {}
         self._ranges: list[tuple[int, int, Publication]] = []  # (start, end, pub), sorted
         self._shared_ids: set[int] = set()  # objects returned by share(): sent as handles by any pickler
         self._waiting: set[Publication] = set()

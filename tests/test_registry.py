@@ -181,3 +181,13 @@ def test_ending_a_lease_never_ends_the_next_holder_of_its_slot(registry):
     assert again == slot
     registry.end_leases([token])  # the first task ends late
     assert registry._board.held(slot)  # the second lease stands
+
+
+def test_derived_frame_reuses_arrow_columns_too(registry):
+    pytest.importorskip("pyarrow")
+    df = pd.DataFrame({"a": np.arange(100_000.0), "s": pd.array([f"x{i}" for i in range(100_000)], dtype="string[pyarrow]")})
+    first = registry.publish(df)
+    copied = registry.counters["bytes_copied"]
+    second = registry.publish(df.assign(b=1))
+    assert second.depends == [first]
+    assert registry.counters["bytes_copied"] - copied < 10 * len(df)  # the new int64 column only
