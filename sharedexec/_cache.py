@@ -76,7 +76,6 @@ class WorkerCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._boards: dict[str, _segment.Mapping] = {}
-        self.hits = self.misses = 0
 
     def resolve(self, handle: Handle) -> Any:
         try:
@@ -86,11 +85,9 @@ class WorkerCache:
                 entry = self._entries.get(handle.name)
                 if entry is not None:
                     self._entries.move_to_end(handle.name)
-                    self.hits += 1
                     return _codec.task_view(entry.obj)
             obj, mapping = self._decode(handle.name, copy_on_write=False)
             with self._lock:
-                self.misses += 1
                 self._entries[handle.name] = _Entry(obj, mapping, mapping.size)
                 self._evict()
             return _codec.task_view(obj)
@@ -140,11 +137,6 @@ class WorkerCache:
         with self._lock:
             for name in [n for n, e in self._entries.items() if e.mapping.state() == _segment.STATE_RETIRED]:
                 del self._entries[name]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._boards.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -172,11 +172,16 @@ class Registry:
             return None
         return pub
 
-    def publish(self, obj: Any) -> Publication:
-        """The publication of ``obj``: found again, or created now (a copy of
-        the buffers no live segment of ours holds yet)."""
+    def publish(self, obj: Any, min_bytes: int = 0) -> Publication | None:
+        """The publication of ``obj``: found again (the per-task path: one
+        fingerprint), or created now -- a copy of the buffers no live segment
+        of ours holds yet -- unless ``obj`` is smaller than ``min_bytes``."""
+        pub = self.find(obj)
+        if pub is None and min_bytes and _codec.nbytes(obj) < min_bytes:
+            return None
         with self._lock:
-            pub = self.find(obj)
+            if pub is None:
+                pub = self.find(obj)  # another thread may have published it meanwhile
             if pub is not None:
                 self.counters["reuse_hits"] += 1
                 return pub

@@ -112,10 +112,8 @@ def _reduce_shared(pickler, obj: Any):
             return NotImplemented
         options, leases = task.options, task.leases
         mmap_mode = options.mmap_mode
-        if registry.find(obj) is None and _codec.nbytes(obj) < options.min_bytes:
-            return NotImplemented
         try:
-            pub = registry.publish(obj)
+            pub = registry.publish(obj, options.min_bytes)
         except SharedMemoryFullError as exc:
             if options.on_full == "raise":
                 raise
@@ -124,6 +122,8 @@ def _reduce_shared(pickler, obj: Any):
             # Its arrays follow in this message: pickle them as they are too.
             pickler.__dict__.setdefault("_sharedexec_plain", set()).update(map(id, _codec.parts(obj)))
             return NotImplemented
+        if pub is None:
+            return NotImplemented  # smaller than min_bytes
     board, slot, token = registry.lease(pub)
     if leases is not None:
         leases.append(token)
