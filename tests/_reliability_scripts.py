@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -56,22 +57,28 @@ def child_env(**extra: str) -> dict[str, str]:
 
 # -- helpers used by the tasks and by the tests ---------------------------------
 
-#: Exit status of :func:`in_private_tmpfs`'s shell when it may not mount.
+#: Exit status of the shell in :func:`run_in_private_tmpfs` when it may not mount.
 NO_MOUNT = 77
 
 
-def in_private_tmpfs(mountpoint: str, size: str, argv: list[str]) -> list[str]:
-    """The argv that runs ``argv`` with a ``size`` tmpfs mounted at
-    ``mountpoint`` in a private mount namespace (root, or CAP_SYS_ADMIN): the
-    mount is seen by that process tree only, and vanishes with it. Exits
-    with :data:`NO_MOUNT` if unshare or mount is not permitted."""
+def run_in_private_tmpfs(mountpoint, size: str, argv: list[str], timeout: float):
+    """Run ``argv`` with a ``size`` tmpfs mounted at ``mountpoint`` in a private
+    mount namespace (root, or CAP_SYS_ADMIN), as ``SHAREDEXEC_DIR``: the mount is
+    seen by that process tree only and vanishes with it. Skips the calling test
+    where unshare or mount is not permitted."""
+    import pytest
+
     script = f'mount -t tmpfs -o size={size} tmpfs "$0" || exit {NO_MOUNT}; exec "$@"'
-    return ["unshare", "-m", "sh", "-c", script, str(mountpoint), *argv]
-
-
-def private_tmpfs_refused(result) -> bool:
-    """Did :func:`in_private_tmpfs` fail to set up (so the test must skip)?"""
-    return result.returncode == NO_MOUNT or "unshare failed" in (result.stderr or "")
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(mountpoint), *argv],
+        capture_output=True,
+        text=True,
+        env=child_env(SHAREDEXEC_DIR=str(mountpoint)),
+        timeout=timeout,
+    )
+    if result.returncode == NO_MOUNT or "unshare failed" in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {result.stderr.strip()}")
+    return result
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, interval: float = 0.01, what: str = "condition") -> Any:
