@@ -70,9 +70,10 @@ class Options:
 class SharedTask:
     """A callable whose pickled message shares its large arguments.
 
-    ``leases`` collects the board slots taken for one submitted task, so an
+    ``leases`` collects the lease tokens taken for one submitted task, so an
     executor can end them when the future completes; the decorator, reused for
-    every call, passes None and relies on the workers clearing them."""
+    every call, passes None and relies on the workers clearing them (and on
+    ``_chain_dump`` for a message that fails to pickle)."""
 
     def __init__(self, fn: Callable, options: Options, leases: list[int] | None = None):
         self.fn = fn
