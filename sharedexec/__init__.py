@@ -2,22 +2,25 @@
 
 Process pools pickle every argument into every task: a 400 MB DataFrame given
 to 200 tasks is copied 200 times. sharedexec makes the standard calls send a
-~150-byte handle instead, to one copy of the frame in shared memory::
+~150-byte handle instead, to one copy of the frame in shared memory:
 
-    from sharedexec import ProcessPoolExecutor          # 1. the executor
-    with ProcessPoolExecutor(8) as ex:
-        results = list(ex.map(func, [df] * 1000, configs))
+```python
+from sharedexec import ProcessPoolExecutor          # 1. the executor
+with ProcessPoolExecutor(8) as ex:
+    results = list(ex.map(func, [df] * 1000, configs))
 
-    import sharedexec, joblib                           # 2. the joblib backend
-    with joblib.parallel_config(backend="sharedexec"):
-        joblib.Parallel()(joblib.delayed(func)(df, c) for c in configs)
+import sharedexec, joblib                           # 2. the joblib backend
+with joblib.parallel_config(backend="sharedexec"):
+    joblib.Parallel()(joblib.delayed(func)(df, c) for c in configs)
 
-    @sharedexec.shared                                  # 3. unchanged pools
-    def func(args): ...
-    multiprocessing.Pool(15).map(func, [(df, c) for c in configs])
+@sharedexec.shared                                  # 3. unchanged pools
+def func(args): ...
+multiprocessing.Pool(15).map(func, [(df, c) for c in configs])
+```
 
-How it works (each box is one module; ``docs/how-it-works.md`` says more)::
+How it works (each box is one module; ``docs/how-it-works.md`` says more):
 
+```text
     parent process                                    worker process
     --------------                                    --------------
     pool pickles (fn, args)                           pool unpickles (fn, args)
@@ -31,9 +34,10 @@ How it works (each box is one module; ``docs/how-it-works.md`` says more)::
     future done / worker mapped it -> lease ends        large result -> a segment
     object gone and no lease -> retired, unlinked        named for the parent
     result <- _cache.claim_result (private, writable) <-
+```
 
 Sharing is read-only by default (``mmap_mode="r"``, as joblib): a task that
-writes into shared data gets :class:`SharedReadOnlyError`; ``mmap_mode="c"``
+writes into shared data gets [`SharedReadOnlyError`][sharedexec.SharedReadOnlyError]; ``mmap_mode="c"``
 gives each task private copy-on-write views. Linux (or any system with a
 tmpfs at ``/dev/shm`` or ``SHAREDEXEC_DIR``) only.
 """

@@ -75,23 +75,25 @@ def shared(*, min_bytes: int = ..., mmap_mode: str = ..., on_full: str = ...) ->
 
 
 def shared(fn=None, /, *, min_bytes=1 << 20, mmap_mode="r", on_full="fallback"):
-    """Make the large DataFrames / arrays passed to ``fn`` travel through
-    shared memory in any process pool: an unchanged ``multiprocessing.Pool``
-    (``map``, ``imap``, ``starmap``, ``apply_async``...), the stdlib
-    ``ProcessPoolExecutor``, or ``joblib.Parallel``'s default backend::
+    """Make the large DataFrames / arrays passed to `fn` travel through
+    shared memory in any process pool: an unchanged `multiprocessing.Pool`
+    (`map`, `imap`, `starmap`, `apply_async`...), the stdlib
+    `ProcessPoolExecutor`, or `joblib.Parallel`'s default backend:
 
-        @sharedexec.shared
-        def func(args):
-            df, config = args
-            ...
+    ```python
+    @sharedexec.shared
+    def func(args):
+        df, config = args
+        ...
 
-        with multiprocessing.Pool(15) as pool:
-            results = pool.map_async(func, [(df, c) for c in configs]).get()
+    with multiprocessing.Pool(15) as pool:
+        results = pool.map_async(func, [(df, c) for c in configs]).get()
+    ```
 
-    ``fn`` must be importable by its module and name (defined at module top
-    level), as for any pool. Called directly, it is ``fn``. Options as for
-    :class:`sharedexec.ProcessPoolExecutor`. Pickling anything else (a queue of
-    frames, another function's arguments) is not changed.
+    `fn` must be importable by its module and name (defined at module top
+    level), as for any pool. Called directly, it is `fn`. Options as for
+    [`ProcessPoolExecutor`][sharedexec.ProcessPoolExecutor]. Pickling anything
+    else (a queue of frames, another function's arguments) is not changed.
     """
     options = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full)
     install_hooks()
@@ -101,12 +103,12 @@ def shared(fn=None, /, *, min_bytes=1 << 20, mmap_mode="r", on_full="fallback"):
 
 
 def share(obj: T) -> T:
-    """Publish ``obj`` (a DataFrame, Series, Index, ndarray or Arrow object)
+    """Publish `obj` (a DataFrame, Series, Index, ndarray or Arrow object)
     in shared memory now, and return an equal object of the same type backed
     by that memory. Drop the original to keep a single copy.
 
-    Pickled by multiprocessing or joblib -- ``Process(args=...)``, an
-    ``mp.Queue``, any pool -- the returned object travels as a small handle.
+    Pickled by multiprocessing or joblib -- `Process(args=...)`, an
+    `mp.Queue`, any pool -- the returned object travels as a small handle.
     Its data is read-only. The segment lives as long as the returned object
     (and the tasks that carry it).
     """

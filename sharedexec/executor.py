@@ -26,26 +26,24 @@ def _initialize_worker(initializer: Callable | None, initargs: tuple) -> None:
 
 
 class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
-    """A drop-in :class:`concurrent.futures.ProcessPoolExecutor` that sends
-    large DataFrames, Series, Indexes, numpy arrays and Arrow objects to its
-    workers through shared memory, once, instead of pickling them into every
-    task; and brings large results back the same way.
+    """A drop-in `concurrent.futures.ProcessPoolExecutor` that sends large DataFrames, Series, Indexes, numpy arrays and Arrow
+    objects to its workers through shared memory, once, instead of pickling
+    them into every task; and brings large results back the same way.
 
-    The positional and keyword arguments are the stdlib's. Sharing options
-    (keyword-only):
+    The positional and keyword arguments before `*` are the stdlib's.
 
-    min_bytes
-        Objects at least this large (default 1 MiB, as joblib) are shared;
-        smaller ones are pickled as usual.
-    mmap_mode
-        ``"r"`` (default): workers see the data read-only, and a write into
-        it raises :class:`sharedexec.SharedReadOnlyError`. ``"c"``: each task
-        gets private copy-on-write views; its writes are seen by nobody else.
-    on_full
-        What to do when the shared-memory directory has no room:
-        ``"fallback"`` (default) pickles that object as the stdlib would, with
-        one :class:`sharedexec.SharedExecWarning`; ``"raise"`` fails the task
-        with :class:`sharedexec.SharedMemoryFullError`.
+    Args:
+        min_bytes: Objects at least this large (default 1 MiB, as joblib) are
+            shared; smaller ones are pickled as usual.
+        mmap_mode: `"r"` (default): workers see the data read-only, and a
+            write into it raises [`SharedReadOnlyError`][sharedexec.SharedReadOnlyError].
+            `"c"`: each task gets private copy-on-write views; its writes are
+            seen by nobody else.
+        on_full: What to do when the shared-memory directory has no room:
+            `"fallback"` (default) pickles that object as the stdlib would,
+            with one [`SharedExecWarning`][sharedexec.SharedExecWarning];
+            `"raise"` fails the task with
+            [`SharedMemoryFullError`][sharedexec.SharedMemoryFullError].
     """
 
     def __init__(

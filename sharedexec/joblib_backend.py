@@ -28,16 +28,18 @@ from ._sharing import Options, SharedTask, install_hooks
 class JoblibBackend(LokyBackend):
     """joblib's loky backend, sharing large frames and arrays through shared memory.
 
-    Use by name after ``import sharedexec``::
+    Use by name after `import sharedexec`:
 
-        with joblib.parallel_config(backend="sharedexec", n_jobs=8):
-            joblib.Parallel()(joblib.delayed(f)(df, c) for c in configs)
+    ```python
+    with joblib.parallel_config(backend="sharedexec", n_jobs=8):
+        joblib.Parallel()(joblib.delayed(f)(df, c) for c in configs)
+    ```
 
-    or as an instance with options: ``parallel_config(backend=
-    sharedexec.JoblibBackend(min_bytes=..., mmap_mode="c"))``. ``min_bytes``,
-    ``mmap_mode`` and ``on_full`` mean what they mean for
-    :class:`sharedexec.ProcessPoolExecutor`; other keyword arguments go to
-    joblib's ``LokyBackend``.
+    or as an instance with options: `parallel_config(backend=
+    sharedexec.JoblibBackend(min_bytes=..., mmap_mode="c"))`. `min_bytes`,
+    `mmap_mode` and `on_full` mean what they mean for
+    [`ProcessPoolExecutor`][sharedexec.ProcessPoolExecutor]; other keyword
+    arguments go to joblib's `LokyBackend`.
     """
 
     def __init__(
