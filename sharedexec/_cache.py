@@ -20,6 +20,7 @@ at once; the memory lives as long as the caller's object does.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import warnings
@@ -37,25 +38,27 @@ _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 10**6, "MB": 10**6, "G": 10
 
 
 def parse_size(text: str) -> int | None:
-    """``"2GB"``, ``"512MiB"``, ``"1000000"`` in bytes; None if it is not a size."""
+    """``"2GB"``, ``"512MiB"``, ``"1000000"`` in bytes; None if it is not a
+    size (``"inf"``, ``"1e400"`` and ``"nan"`` are not)."""
     text = text.strip()
     number = text.rstrip("kKmMgGtTiIbB").strip()
     try:
-        size = int(float(number) * _UNITS[text[len(text.rstrip("kKmMgGtTiIbB")) :].upper()])
+        value = float(number) * _UNITS[text[len(text.rstrip("kKmMgGtTiIbB")) :].upper()]
     except (ValueError, KeyError):
         return None
-    return size if size >= 0 else None
+    return int(value) if math.isfinite(value) and value >= 0 else None
 
 
 def cache_budget() -> int:
     """``$SHAREDEXEC_WORKER_CACHE_BYTES``, or half the machine's memory; a
-    value that is not a size warns and falls back to that."""
+    value that is not a size warns and falls back to that (read at import:
+    a typo must never make ``import sharedexec`` fail)."""
     text = os.environ.get(CACHE_ENV, "")
     size = parse_size(text) if text.strip() else _PHYS_BYTES // 2
     if size is None:
         warnings.warn(
-            f"{CACHE_ENV}={text!r} is not a size (e.g. 2GB, 512MiB, 1000000): using half the "
-            "machine's memory",
+            f"{CACHE_ENV}={text!r} is not a size in bytes (e.g. 2GB, 512MiB, 1000000): using half "
+            f"the machine's memory, {_segment.format_bytes(_PHYS_BYTES // 2)}, per worker instead",
             SharedExecWarning,
             stacklevel=2,
         )
@@ -68,6 +71,7 @@ class _Entry:
     obj: Any
     mapping: _segment.Mapping
     nbytes: int
+    private: bool  # holds mutable values: each task decodes its own (_codec.FrozenDecode)
 
 
 class WorkerCache:
@@ -80,22 +84,37 @@ class WorkerCache:
     def resolve(self, handle: Handle) -> Any:
         try:
             if handle.mmap_mode == "c":
-                return self._decode(handle.name, copy_on_write=True)[0]
+                return self._read(_segment.attach(handle.name, copy_on_write=True), copy_on_write=True)
             with self._lock:
                 entry = self._entries.get(handle.name)
                 if entry is not None:
                     self._entries.move_to_end(handle.name)
-                    return _codec.task_view(entry.obj)
-            obj, mapping = self._decode(handle.name, copy_on_write=False)
-            with self._lock:
-                self._entries[handle.name] = _Entry(obj, mapping, mapping.size)
-                self._evict()
-            return _codec.task_view(obj)
+            if entry is None:
+                mapping = _segment.attach(handle.name, copy_on_write=False)
+                with _codec.frozen_decode() as decoded:
+                    obj = self._read(mapping, copy_on_write=False)
+                # An object with mutable values is never handed out twice.
+                entry = _Entry(None if decoded.private else obj, mapping, mapping.size, decoded.private)
+                with self._lock:
+                    self._entries[handle.name] = entry
+                    self._evict()
+                if entry.private:
+                    return obj
+            return self._for_task(entry)
         except SegmentNotFoundError as exc:
             raise handle.gone_error() from exc
         finally:
             self._end_lease(handle)
 
+    def _for_task(self, entry: _Entry) -> Any:
+        # What one task does to its object must not reach the next task: a
+        # shallow view over read-only data, or a decode of its own when the
+        # object holds values that cannot be read-only (a list in an object
+        # column). The segment stays mapped by the entry meanwhile.
+        if not entry.private:
+            return _codec.task_view(entry.obj)
+        with _codec.frozen_decode():
+            return self._read(entry.mapping, copy_on_write=False)
     def _end_lease(self, handle: Handle) -> None:
         # The segment is mapped (or will never be): the publisher may free it
         # whenever it likes now. No board (another machine, a dead publisher)
@@ -107,8 +126,7 @@ class WorkerCache:
         except SegmentNotFoundError:
             pass
 
-    def _decode(self, name: str, copy_on_write: bool) -> tuple[Any, _segment.Mapping]:
-        mapping = _segment.attach(name, copy_on_write=copy_on_write)
+    def _read(self, mapping: _segment.Mapping, copy_on_write: bool) -> Any:
         # Other segments a table names (buffers shared with an earlier
         # publication) are mapped with the same access, once per decode.
         others: dict[str, _segment.Mapping] = {}
@@ -118,7 +136,7 @@ class WorkerCache:
                 others[other] = _segment.attach(other, copy_on_write=copy_on_write)
             return others[other]
 
-        return _publication.read(mapping, attach_other), mapping
+        return _publication.read(mapping, attach_other)
 
     def _board(self, name: str) -> _segment.Mapping:
         board = self._boards.get(name)
@@ -210,9 +228,10 @@ def _resolve(name: str, mmap_mode: str, board: str, slot: int, publisher: int, h
         return Unresolved(exc)
 
 
-def write_result(obj: Any, owner_pid: int) -> _segment.Mapping:
-    """Write a task's result into a new segment owned by ``owner_pid``."""
-    layout, buffers = _codec.encode(obj)
+def write_result(obj: Any, owner_pid: int, cloudpickle_fallback: bool = False) -> _segment.Mapping:
+    """Write a task's result into a new segment owned by ``owner_pid``
+    (``cloudpickle_fallback``: see ``_codec.encode``)."""
+    layout, buffers = _codec.encode(obj, cloudpickle_fallback)
     raws = [buf.raw() for buf in buffers]
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), owner_pid)
     return mapping

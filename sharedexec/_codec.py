@@ -62,18 +62,24 @@ not of rows (``benchmarks/decode_cost.py``).
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import datetime as dt
+import decimal
+import fractions
 import io
 import math
 import pickle
 import threading
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import cloudpickle
 import numpy as np
 import pandas as pd
 from pandas.core.arrays._mixins import NDArrayBackedExtensionArray
 from pandas.core.arrays.masked import BaseMaskedArray
+
+from ._errors import SharedExecError
 
 try:  # pyarrow is optional; pandas' Arrow-backed arrays exist only with it
     import pyarrow as pa
@@ -97,8 +103,10 @@ PROTOCOL = 5
 
 #: The types the reducer shares when they are large; subclasses included.
 SHAREABLE_TYPES: tuple[type, ...] = (pd.DataFrame, pd.Series, pd.Index, np.ndarray)
+SHAREABLE_NAMES = "pandas DataFrame, Series or Index, numpy ndarray"
 if pa is not None:
     SHAREABLE_TYPES += (pa.Array, pa.ChunkedArray, pa.RecordBatch, pa.Table)
+    SHAREABLE_NAMES += ", or pyarrow Array, ChunkedArray, RecordBatch or Table"
 
 
 # -- encoding ------------------------------------------------------------------
@@ -135,10 +143,10 @@ def _reduce_index(idx: pd.Index, enc: _Encoder):
 
 
 def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
+    if type(arr) not in (np.ndarray, np.memmap) or (arr.dtype.hasobject and arr.dtype != object):
+        return _reduce_in_band(arr, enc)
     if arr.dtype == object:
-        return _reduce_object_array(arr)
-    if arr.dtype.hasobject:
-        return NotImplemented  # in-band: unpickled once per worker
+        return _reduce_object_array(arr, enc)
     if arr.flags.c_contiguous:
         order = "C"
     elif arr.flags.f_contiguous:
@@ -151,28 +159,45 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
     return _rebuild_ndarray, (enc.out_of_band(raw), arr.dtype, arr.shape, order)
 
 
-def _reduce_object_array(arr: np.ndarray):
+# Exact types whose equal values are interchangeable: two equal ``str``s are
+# the same string, but equal floats may differ in the sign of zero, equal
+# Timestamps in their tz, equal Decimals in their exponent, equal tuples in
+# the types of their items (design brief, trap 13). Subclasses (np.str_) may
+# carry more than their value.
+_INTERCHANGEABLE = frozenset({str, bytes, int, bool, type(None)})
+
+
+def _reduce_object_array(arr: np.ndarray, enc: _Encoder):
     """Object columns go in-band and become Python objects in every worker
-    that decodes them -- memory no process can share. Equal values are stored
-    once (pickle's memo then makes every worker's array point at one object
-    per distinct value): a column of 500 000 strings of a few distinct values
-    costs each worker 4 MB of pointers instead of 35 MB of strings. Keyed by
-    type and value, so 1, 1.0 and True stay apart; unhashable values, or too
-    few repeats to pay, leave the array as it is."""
-    if arr.size < 1024:
-        return NotImplemented
-    flat = arr.ravel(order="K")
-    canonical: dict = {}
-    try:
-        if len({(type(v), v) for v in flat[:4096]}) > 2048:
-            return NotImplemented  # mostly distinct: not worth a pass over every value
-        values = [canonical.setdefault((type(v), v), v) for v in flat]
-    except TypeError:
-        return NotImplemented
-    if len(canonical) > arr.size // 2:
-        return NotImplemented
+    that decodes them -- memory no process can share. Equal values of the
+    ``_INTERCHANGEABLE`` types are stored once (pickle's memo then makes every
+    worker's array point at one object per distinct value): a column of
+    500 000 strings of a few distinct values costs each worker 4 MB of
+    pointers instead of 35 MB of strings. Any other value is stored as itself
+    (pickle's memo already stores one object met twice once)."""
+    # Flattened and rebuilt in one and the same order, whatever the strides
+    # (a transposed or sliced array is neither C- nor F-contiguous).
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    values = arr.ravel(order=order).tolist() if arr.ndim else [arr.item()]
+    if len(values) >= 1024 and _repeats_enough(values):
+        canonical: dict = {}
+        values = [canonical.setdefault((type(v), v), v) if type(v) in _INTERCHANGEABLE else v for v in values]
     return _rebuild_object_array, (values, arr.shape, order)
+
+
+def _repeats_enough(values: list) -> bool:
+    # Sampled: a column of mostly distinct values is not worth a second pass.
+    sample = [(type(v), v) for v in values[:4096] if type(v) in _INTERCHANGEABLE]
+    return len(set(sample)) <= len(values[:4096]) // 2
+
+
+def _reduce_in_band(arr: np.ndarray, enc: _Encoder):
+    """numpy's own reduction (in-band, unpickled once per worker), for
+    ndarray subclasses (np.matrix, np.ma keep their own semantics) and
+    structured dtypes with object fields; wrapped so that the worker cache
+    can make what it keeps read-only (``frozen_decode``)."""
+    enc.in_band.add(id(arr))
+    return _rebuild_in_band, (arr,)
 
 
 def _reduce_arrow_buffer(buf, enc: _Encoder):
@@ -218,10 +243,6 @@ def _handler_for(cls: type) -> Callable | None:
     handler = None
     for base, candidate in _HANDLERS:
         if issubclass(cls, base):
-            # numpy subclasses (np.matrix, np.ma) carry their own semantics:
-            # only plain arrays and memmaps are reduced to raw bytes.
-            if base is np.ndarray and cls not in (np.ndarray, np.memmap):
-                break
             handler = candidate
             break
     _handler_cache[cls] = handler
@@ -236,12 +257,13 @@ class _Encoder(pickle.Pickler):
     copy-on-write, ``Series.values``, a frame built on a shared one) would
     then come back read-only from a copy-on-write mapping too. With our own
     numbering, a decoded array is exactly as writable as ``views`` are.
-    PickleBuffers of objects we do not reduce (numpy subclasses) go in-band."""
+    PickleBuffers of objects we do not reduce go in-band."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=PROTOCOL)
         self.buffers: list[pickle.PickleBuffer] = []
         self._numbers: dict[tuple[int, int], int] = {}
+        self.in_band: set[int] = set()  # ids of arrays numpy reduces itself
 
     def out_of_band(self, data: np.ndarray | pa.Buffer) -> int:
         """The number of ``data`` (a contiguous uint8 ndarray or a pa.Buffer)
@@ -261,16 +283,49 @@ class _Encoder(pickle.Pickler):
 
     def reducer_override(self, obj: Any):
         handler = _handler_for(type(obj))
-        return NotImplemented if handler is None else handler(obj, self)
+        if handler is None or id(obj) in self.in_band:
+            return self.reduce_other(obj)
+        return handler(obj, self)
+
+    def reduce_other(self, obj: Any):
+        return NotImplemented
 
 
-def encode(obj: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+class _CloudEncoder(_Encoder, cloudpickle.Pickler):
+    """The same, writing what plain pickle refuses (a lambda in ``attrs``)
+    the way loky's cloudpickle does: a layout is then as picklable as the
+    object was for the pool that sends it (loky's workers have cloudpickle)."""
+
+    def reduce_other(self, obj: Any):
+        return cloudpickle.Pickler.reducer_override(self, obj)
+
+
+class UnencodableError(SharedExecError, pickle.PicklingError):
+    """The pickler of the layout refused part of the object: it cannot be
+    shared, and goes by the pool's own pickling instead."""
+
+
+def encode(obj: Any, cloudpickle_fallback: bool = False) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """``obj`` as (layout, out-of-band buffers). The buffers are views of
-    ``obj``'s own memory (or of a contiguous copy, for strided arrays)."""
-    stream = io.BytesIO()
-    encoder = _Encoder(stream)
-    encoder.dump(obj)
-    return stream.getvalue(), encoder.buffers
+    ``obj``'s own memory (or of a contiguous copy, for strided arrays).
+
+    The layout is written with plain pickle, or -- when that fails and
+    ``cloudpickle_fallback`` says the pool pickles with cloudpickle (loky) --
+    with cloudpickle. Raises :class:`UnencodableError` if neither can."""
+    encoders = (_Encoder, _CloudEncoder) if cloudpickle_fallback else (_Encoder,)
+    for encoder_cls in encoders:
+        stream = io.BytesIO()
+        encoder = encoder_cls(stream)
+        try:
+            encoder.dump(obj)
+        except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
+            error = exc
+            continue
+        return stream.getvalue(), encoder.buffers
+    raise UnencodableError(
+        f"cannot share this {type(obj).__name__}: part of it cannot be pickled ({error}). Remove "
+        "that value (from attrs, say), or send the object without sharedexec."
+    ) from error
 
 
 # The views of the decode running in this thread: rebuild functions find their
@@ -289,11 +344,71 @@ def decode(layout: bytes | memoryview, views: list[memoryview]) -> Any:
         _decoding.views = outer
 
 
+class FrozenDecode:
+    """What a :func:`frozen_decode` found: ``private`` is true when the object
+    holds values that cannot be made read-only (a list in an object column, a
+    dict in ``_metadata``): each task must then get a decode of its own."""
+
+    private = False
+
+
+@contextlib.contextmanager
+def frozen_decode() -> Iterator[FrozenDecode]:
+    """Decodes in this block are for the worker cache of ``mmap_mode="r"``,
+    whose object every task of the worker is handed: the arrays decoded
+    in-band (object columns, np.matrix, np.ma data and mask) are made
+    read-only, as the ones in the segment are, and values that cannot be
+    are reported (``FrozenDecode.private``). Outside, in-band arrays are
+    writable, as the stdlib's are."""
+    outer = getattr(_decoding, "frozen", None)
+    _decoding.frozen = report = FrozenDecode()
+    try:
+        yield report
+    finally:
+        _decoding.frozen = outer
+
+
 def _view(index: int) -> memoryview:
     views = getattr(_decoding, "views", None)
     if views is None:
         raise RuntimeError("sharedexec layouts are read with _codec.decode, not pickle.loads")
     return views[index]
+
+
+# Values a task cannot change in place (exact types: a subclass may add
+# mutable attributes). np.void is left out: it can be a view of an array.
+_IMMUTABLE = frozenset(
+    {str, bytes, int, float, complex, bool, type(None), decimal.Decimal, fractions.Fraction,
+     dt.datetime, dt.date, dt.time, dt.timedelta, pd.Timestamp, pd.Timedelta, pd.Period, pd.Interval,
+     type(pd.NaT), type(pd.NA), range}
+)
+
+
+def _immutable(value: Any) -> bool:
+    cls = type(value)
+    if cls in _IMMUTABLE or (isinstance(value, np.generic) and not isinstance(value, np.void)):
+        return True
+    if cls is tuple or cls is frozenset:
+        return all(map(_immutable, value))
+    # An array the frozen decode made read-only (its elements were checked).
+    return isinstance(value, np.ndarray) and not value.flags.writeable
+
+
+def _freeze(arr: np.ndarray, values: Any) -> np.ndarray:
+    """In a frozen decode: ``arr`` read-only, and ``values`` (its Python
+    objects, if any) checked; else ``arr`` as it is."""
+    report = getattr(_decoding, "frozen", None)
+    if report is None:
+        return arr
+    arr.flags.writeable = False
+    _note_mutable(values)
+    return arr
+
+
+def _note_mutable(values: Any) -> None:
+    report = getattr(_decoding, "frozen", None)
+    if report is not None and not report.private and not all(map(_immutable, values)):
+        report.private = True
 
 
 # -- decoding (module-level functions: spawn and forkserver workers import them)
@@ -310,9 +425,22 @@ def _rebuild_arrow_buffer(index: int):
 
 
 def _rebuild_object_array(values: list, shape: tuple, order: str) -> np.ndarray:
-    flat = np.empty(len(values), dtype=object)
-    flat[:] = values
-    return flat.reshape(shape, order=order)
+    # fromiter: each value is one element (np.array would nest tuples and lists).
+    flat = np.fromiter(values, dtype=object, count=len(values))
+    # Frozen before reshaping: the task's array and its .base are both read-only.
+    return _freeze(flat, values).reshape(shape, order=order)
+
+
+def _rebuild_in_band(arr: np.ndarray) -> np.ndarray:
+    if getattr(_decoding, "frozen", None) is None:
+        return arr
+    mask = getattr(arr, "_mask", None)  # np.ma: the mask is an array of its own
+    if isinstance(mask, np.ndarray):
+        mask.flags.writeable = False
+    values = arr.view(np.ndarray).ravel() if arr.dtype == object else ()
+    if arr.dtype.hasobject and arr.dtype != object:
+        values = [object()]  # structured with object fields: not looked into, kept private
+    return _freeze(arr, values)
 
 
 def _rebuild_ndarray_backed(cls, ndarray, dtype, freq):
@@ -334,7 +462,8 @@ def _rebuild_from_state(cls, state):
 
 def _restore_frame_state(obj, attrs, allows_duplicate_labels, metadata):
     if attrs:
-        obj.attrs = attrs
+        obj.attrs = attrs  # (every task gets a deep copy: pandas' __finalize__)
+    _note_mutable(metadata.values())
     for name, value in metadata.items():
         object.__setattr__(obj, name, value)
     if not allows_duplicate_labels:
@@ -408,61 +537,76 @@ def _axis_state(axis: pd.Index) -> tuple:
     return tuple(axis.names), getattr(axis, "freq", None)
 
 
-class _Uncopyable:
-    """Stands for attrs that cannot be deep-copied: equal to nothing, so the
-    object is published anew each time rather than reused stale."""
+def _frame_values(obj: pd.DataFrame | pd.Series) -> tuple:
+    metadata = tuple(getattr(obj, name, None) for name in obj._metadata)
+    return obj.attrs, obj.flags.allows_duplicate_labels, metadata
+
+
+class _Pinned:
+    """Values that cannot be pickled to compare (a lambda, a lock in
+    ``attrs``): equal while they are the very same objects, so the object is
+    published once and reused until one of them is replaced (a changed item
+    of such an ``attrs`` dict is not seen)."""
+
+    def __init__(self, values: tuple) -> None:
+        self.values = values
 
     def __eq__(self, other: object) -> bool:
-        return False
+        return isinstance(other, _Pinned) and _same_objects(self.values, other.values)
 
     __hash__ = None
 
 
-def _state_values(obj: pd.DataFrame | pd.Series) -> tuple:
-    # attrs deep-copied: a fingerprint holding the live dict would equal the
-    # frame's attrs after any in-place change (``df.attrs["unit"] = "m"``).
-    # pandas deep-copies attrs on every operation, so they are small.
+def _same_objects(a: Any, b: Any) -> bool:
+    # The tuples are built afresh for each fingerprint; what they hold is not.
+    if type(a) is tuple and type(b) is tuple:
+        return len(a) == len(b) and all(map(_same_objects, a, b))
+    return a is b
+
+
+def _snapshot(values: tuple) -> bytes | _Pinned:
+    """``values`` in a form compared exactly: their pickle. ``==`` would
+    merge values a worker tells apart (1 and True as a name, Decimal("1.1")
+    and Decimal("1.10"), 0.0 and -0.0, Timestamps in two zones: trap 13),
+    raise for arrays, and a live reference would equal itself after an
+    in-place change (``df.attrs["unit"] = "m"``). pandas deep-copies attrs
+    on every operation, so they are small."""
     try:
-        attrs = copy.deepcopy(obj.attrs)
+        return pickle.dumps(values, protocol=PROTOCOL)
     except Exception:
-        attrs = _Uncopyable()
-    metadata = tuple(getattr(obj, name, None) for name in obj._metadata)
-    return attrs, obj.flags.allows_duplicate_labels, metadata
+        return _Pinned(values)
 
 
-def fingerprint(obj: Any) -> tuple[tuple, tuple]:
+def fingerprint(obj: Any) -> tuple[tuple, Any]:
     """What must not change for a published object to be reused:
     ``(identities, values)``, compared with ``is`` and ``==`` respectively.
 
     Identities are the frame's manager, its block arrays and its axes: a
     replaced or added column, a reassigned index or an in-place structural
     operation changes one of them. Values are what can change in place on
-    those same objects: axis names and freq, attrs, flags, ``_metadata``.
-    Values written in place into an existing array change none of them (see
-    docs: semantics)."""
+    those same objects: axis names and freq, attrs, flags, ``_metadata``
+    (a ``_snapshot``). Values written in place into an existing array change
+    none of them (see docs: semantics)."""
     if isinstance(obj, pd.DataFrame):
         mgr = obj._mgr
         idents = (mgr, mgr.blocks, *(blk.values for blk in mgr.blocks), *mgr.axes)
-        return idents, (*_state_values(obj), _axis_state(obj.index), _axis_state(obj.columns))
+        return idents, _snapshot((*_frame_values(obj), _axis_state(obj.index), _axis_state(obj.columns)))
     if isinstance(obj, pd.Series):
-        return (obj._mgr, obj._values, obj.index), (obj.name, *_state_values(obj), _axis_state(obj.index))
+        return (obj._mgr, obj._values, obj.index), _snapshot((obj.name, *_frame_values(obj), _axis_state(obj.index)))
     if isinstance(obj, pd.Index):
-        return (), _axis_state(obj)
+        return (), _snapshot(_axis_state(obj))
     if isinstance(obj, np.ndarray):
         # ndarray.resize() reallocates in place: the address says so.
-        return (), (obj.shape, obj.strides, obj.dtype, obj.__array_interface__["data"][0])
+        return (), (obj.shape, obj.strides, obj.dtype.str, obj.dtype, obj.__array_interface__["data"][0])
     return (), ()  # pyarrow objects are immutable
 
 
-def same_fingerprint(a: tuple[tuple, tuple], b: tuple[tuple, tuple]) -> bool:
+def same_fingerprint(a: tuple[tuple, Any], b: tuple[tuple, Any]) -> bool:
     idents_a, values_a = a
     idents_b, values_b = b
     if len(idents_a) != len(idents_b) or any(x is not y for x, y in zip(idents_a, idents_b)):
         return False
-    try:
-        return bool(values_a == values_b)
-    except (TypeError, ValueError):  # attrs holding arrays: compare as changed
-        return False
+    return bool(values_a == values_b)
 
 
 def _axis_view(axis: pd.Index) -> pd.Index:
@@ -492,5 +636,9 @@ def task_view(obj: Any) -> Any:
     if isinstance(obj, pd.Index):
         return _axis_view(obj)
     if isinstance(obj, np.ndarray):
-        return obj.view()
+        view = obj.view()
+        if isinstance(view, np.ma.MaskedArray) and view._fill_value is not None:
+            # A view shares its 0-d fill value, which `.fill_value = x` sets in place.
+            view._fill_value = view._fill_value.copy()
+        return view
     return obj  # pyarrow objects are immutable

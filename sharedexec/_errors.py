@@ -28,6 +28,10 @@ class SegmentCorruptError(SharedMemoryError):
     """A segment's header or layout does not describe a valid sharedexec segment."""
 
 
+class NotShareableError(SharedExecError, TypeError):
+    """An object of a type sharedexec cannot share was given to ``share()``."""
+
+
 class SharedReadOnlyError(SharedExecError, ValueError):
     """A task tried to write in place into data shared read-only."""
 

@@ -172,10 +172,11 @@ class Registry:
             return None
         return pub
 
-    def publish(self, obj: Any, min_bytes: int = 0) -> Publication | None:
+    def publish(self, obj: Any, min_bytes: int = 0, cloudpickle_fallback: bool = False) -> Publication | None:
         """The publication of ``obj``: found again (the per-task path: one
         fingerprint), or created now -- a copy of the buffers no live segment
-        of ours holds yet -- unless ``obj`` is smaller than ``min_bytes``."""
+        of ours holds yet -- unless ``obj`` is smaller than ``min_bytes``.
+        ``cloudpickle_fallback``: see ``_codec.encode``."""
         pub = self.find(obj)
         if pub is None and min_bytes and _codec.nbytes(obj) < min_bytes:
             return None
@@ -189,7 +190,7 @@ class Registry:
             _reaper.watch(_names.shm_dir())
             if self._board is None:  # first, so that a full directory fails here, not in lease()
                 self._board = _Board(self.pid)
-            layout, buffers = _codec.encode(obj)
+            layout, buffers = _codec.encode(obj, cloudpickle_fallback)
             raws = [buf.raw() for buf in buffers]
             refs, new, depends = [], [], []
             for raw in raws:

@@ -38,6 +38,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import cloudpickle
+
 from . import _cache, _codec, _names, _reaper, _registry, _segment, _worker
 from ._errors import SharedExecWarning, SharedMemoryFullError
 
@@ -114,15 +116,16 @@ def _reduce_shared(pickler, obj: Any):
         options, leases = task.options, task.leases
         mmap_mode = options.mmap_mode
         try:
-            pub = registry.publish(obj, options.min_bytes)
+            pub = registry.publish(obj, options.min_bytes, _pickles_functions(pickler))
+        except _codec.UnencodableError:
+            # The pool's own pickling sends it, or raises what it would raise.
+            return _pickle_plainly(pickler, obj)
         except SharedMemoryFullError as exc:
             if options.on_full == "raise":
                 raise
             registry.counters["bytes_pickled"] += _codec.nbytes(obj)
             _warn_full_once(exc)
-            # Its arrays follow in this message: pickle them as they are too.
-            pickler.__dict__.setdefault("_sharedexec_plain", set()).update(map(id, _codec.parts(obj)))
-            return NotImplemented
+            return _pickle_plainly(pickler, obj)
         if pub is None:
             return NotImplemented  # smaller than min_bytes
     board, slot, token = registry.lease(pub)
@@ -130,6 +133,18 @@ def _reduce_shared(pickler, obj: Any):
         leases.append(token)
     pickler.__dict__.setdefault("_sharedexec_tokens", []).append(token)
     return _cache._resolve, (pub.name, mmap_mode, board, slot, registry.pid, _names.HOST)
+
+
+def _pickle_plainly(pickler, obj: Any):
+    # Its arrays follow in this message: pickle them as they are too.
+    pickler.__dict__.setdefault("_sharedexec_plain", set()).update(map(id, _codec.parts(obj)))
+    return NotImplemented
+
+
+def _pickles_functions(pickler: pickle.Pickler) -> bool:
+    # loky's pickler is cloudpickle's: it sends lambdas and local classes by
+    # value, so a layout holding one may be written the same way.
+    return isinstance(pickler, cloudpickle.Pickler)
 
 
 def _warn_full_once(exc: SharedMemoryFullError) -> None:
@@ -264,7 +279,9 @@ def _reduce_result(pickler, obj: Any):
     if not _codec.is_shareable(obj) or _codec.nbytes(obj) < options.min_bytes:
         return NotImplemented
     try:
-        mapping = _cache.write_result(obj, owner_pid)
+        mapping = _cache.write_result(obj, owner_pid, _pickles_functions(pickler))
+    except _codec.UnencodableError:
+        return NotImplemented
     except SharedMemoryFullError as exc:
         if options.on_full == "raise":
             raise

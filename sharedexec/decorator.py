@@ -28,7 +28,8 @@ from typing import Any, Callable, TypeVar, overload
 
 import cloudpickle
 
-from . import _names, _registry
+from . import _codec, _names, _registry
+from ._errors import NotShareableError
 from ._sharing import Options, SharedTask, TaskRunner, _prepare_owner, install_hooks
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -142,7 +143,16 @@ def share(obj: T) -> T:
     Pickled by multiprocessing or joblib -- `Process(args=...)`, an
     `mp.Queue`, any pool -- the returned object travels as a small handle.
     Its data is read-only. The segment lives as long as the returned object
-    (and the tasks that carry it).
+    (and the tasks that carry it). Any other type raises :class:`TypeError`
+    (a :class:`sharedexec.SharedExecError`) before anything is written.
     """
+    # Checked first: a list or dict would otherwise be published, then fail
+    # to be tracked (no weak reference), its segment kept till exit.
+    if not _codec.is_shareable(obj):
+        raise NotShareableError(
+            f"cannot share a {type(obj).__module__}.{type(obj).__qualname__}: share() takes one "
+            f"{_codec.SHAREABLE_NAMES} (or a subclass). Share each large object on its own, "
+            "e.g. [sharedexec.share(df) for df in frames], and send the container as usual."
+        )
     install_hooks()
     return _registry.REGISTRY.share(obj)

@@ -118,3 +118,35 @@ def blocked_until(flag):
         time.sleep(0.02)
     return True
 
+
+# -- issue 12: what one task writes, the next does not see ----------------------
+
+
+class WithMetadata(pd.DataFrame):
+    """A DataFrame subclass with a mutable ``_metadata`` value."""
+
+    _metadata = ["notes"]
+
+    @property
+    def _constructor(self):
+        return WithMetadata
+
+
+def write_into(obj):
+    """What the task sees first, then a write of every kind it may try."""
+    if isinstance(obj, WithMetadata):
+        seen = list(obj.notes)
+        obj.notes.append("written")
+        return seen
+    seen = obj.tolist()
+    try:
+        obj.flat[0] = "written" if obj.dtype == object else 99
+    except ValueError:  # read-only: mmap_mode="r"
+        pass
+    if obj.dtype == object and isinstance(seen[0], list):
+        obj.flat[1].append("written")  # a list inside an object array
+    return seen
+
+
+def scaled(df):
+    return df.attrs["scale"](len(df))

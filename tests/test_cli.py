@@ -288,3 +288,19 @@ def test_doctor_in_a_docker_sized_shm(tmp_path):
     assert "holds only 16.8 MB in all" in result.stdout
     assert "--shm-size=8g" in result.stdout and "64 MB" in result.stdout
     assert "created, mapped and removed" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-1GB"])
+def test_a_cache_budget_that_is_no_size_warns_and_falls_back(value):
+    """Issue 12, defect 7: "inf" or "1e400" raised OverflowError at import."""
+    env = {"SHAREDEXEC_WORKER_CACHE_BYTES": value}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sharedexec._cache as c; print(c.CACHE.budget == c._PHYS_BYTES // 2)"],
+        capture_output=True, text=True, env=scripts.child_env(**env), timeout=60,
+    )
+    assert imported.returncode == 0 and imported.stdout == "True\n", imported.stderr
+    assert f"SharedExecWarning: SHAREDEXEC_WORKER_CACHE_BYTES={value!r} is not a size" in imported.stderr
+    assert "Traceback" not in imported.stderr
+    doctor = run_cli("doctor", env=env)
+    assert doctor.returncode == 1 and "Traceback" not in doctor.stderr
+    assert f"SHAREDEXEC_WORKER_CACHE_BYTES={value!r} is not a size" in doctor.stdout

@@ -40,6 +40,8 @@ from hypothesis import strategies as st
 
 from sharedexec import _codec, _publication, _segment
 
+from . import _exact as exact
+
 pytestmark = pytest.mark.compat
 
 PANDAS_3 = int(pd.__version__.split(".")[0]) >= 3
@@ -837,12 +839,6 @@ def test_fingerprint_sees_in_place_changes_of_an_index_or_array(obj: Any, change
     assert not _codec.same_fingerprint(before, _codec.fingerprint(obj))
 
 
-def test_fingerprint_of_attrs_that_cannot_be_copied_never_matches():
-    frame = pd.DataFrame({"a": [1.0]})
-    frame.attrs["lock"] = threading.Lock()  # deepcopy refuses it
-    assert not _codec.same_fingerprint(_codec.fingerprint(frame), _codec.fingerprint(frame))
-
-
 def test_fingerprint_ignores_written_values():
     # Documented semantics: values written in place are not tracked (that would
     # mean hashing the data on every submission).
@@ -919,3 +915,145 @@ def test_repeated_objects_are_stored_once():
     assert type(column[5]) is int and type(column[6]) is bool and column[7] is None
     assert len({id(v) for v in column}) <= 6
     assert len(layout) < 200_000  # 30 000 pointers' worth, not 30 000 strings
+
+
+# -- issue 12: every object arrives exactly as sent ---------------------------
+
+
+def _stdlib(obj: Any) -> Any:
+    """What a stdlib worker receives."""
+    return pickle.loads(pickle.dumps(obj, protocol=5))
+
+
+def _equal_but_different() -> list:
+    paris = pd.Timestamp("2024-01-01 13:00", tz="Europe/Paris")
+    return [pd.Timestamp("2024-01-01 12:00", tz="UTC"), paris, paris.tz_convert("America/New_York"),
+            decimal.Decimal("1.1"), decimal.Decimal("1.10"), 0.0, -0.0, (1, 2), (1.0, 2), (True, 2),
+            1, 1.0, True, "a", np.str_("a"), b"b", dt.datetime(2024, 1, 1, 12), None]
+
+
+@pytest.mark.parametrize("repeat", [1, 200], ids=["few", "many-repeats"])
+def test_equal_but_different_values_are_not_merged(repeat: int):
+    """Issue 12, defect 1: storing equal values once keyed them on (type, value)."""
+    values = _objects(_equal_but_different() * repeat)
+    frame = pd.DataFrame({"o": pd.Series(values, dtype=object)})
+    for obj in (values, frame):
+        got, _ = roundtrip(obj)
+        exact.assert_identical(got, _stdlib(obj), readonly_ok=True)
+
+
+def _strided(rows: int, cols: int) -> np.ndarray:
+    # Few distinct values: the store-once path, where the order was lost.
+    values = np.empty((rows, cols), dtype=object)
+    for i in range(rows):
+        for j in range(cols):
+            values[i, j] = f"{i % 7},{j}"
+    return values
+
+
+OBJECT_LAYOUTS = {
+    "transposed-slice": lambda: _strided(2000, 6).T[:3],  # shape (3, 2000), strides (8, 48)
+    "frame-transposed-rows": lambda: pd.DataFrame(_strided(2000, 3)).T.iloc[::2],
+    "F": lambda: np.asfortranarray(_strided(700, 3)),
+    "negative-strides": lambda: _strided(700, 4)[::-1, ::-2],
+    "offset-step": lambda: _strided(3000, 2)[5::3, 1],
+    "0-d": lambda: _strided(1, 1)[0, 0:1].reshape(()),
+    "empty": lambda: _strided(4, 3)[:0],
+    "3-d": lambda: _strided(1200, 6).reshape(100, 12, 6).transpose(2, 0, 1)[:, ::2],
+}
+
+
+@pytest.mark.parametrize("build", OBJECT_LAYOUTS.values(), ids=OBJECT_LAYOUTS.keys())
+def test_object_arrays_keep_their_order_for_every_layout(build: Callable[[], Any]):
+    """Issue 12, defect 2: flattened in memory order, rebuilt in C order."""
+    obj = build()
+    got, _ = roundtrip(obj)
+    exact.assert_identical(got, _stdlib(obj), readonly_ok=True)
+
+
+class WithMetadata(pd.DataFrame):
+    _metadata = ["notes", "weights"]
+
+    @property
+    def _constructor(self):
+        return WithMetadata
+
+
+def _frozen_roundtrip(obj: Any) -> tuple[Any, bool]:
+    with published(obj) as name, _codec.frozen_decode() as report:
+        got, _ = decode(name)
+    return got, report.private
+
+
+FROZEN_CASES = {
+    "object-ndarray": (lambda: _objects(["a", 1, None, 2.5] * 300), False),
+    "object-column": (lambda: pd.DataFrame({"o": pd.Series(_objects(["x", (1, "y")] * 10), dtype=object)}), False),
+    "masked": (lambda: np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0], fill_value=-1.0), False),
+    "matrix": (lambda: np.matrix([[1, 2], [3, 4]]), False),
+    "lists-in-object-column": (lambda: _objects([[1], [2], None]), True),
+    "mutable-metadata": (lambda: _with(WithMetadata({"a": [1.0]}), notes=["n"], weights=None), True),
+    "array-metadata": (lambda: _with(WithMetadata({"a": [1.0]}), notes="n", weights=np.arange(3.0)), False),
+}
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("build, private", FROZEN_CASES.values(), ids=FROZEN_CASES.keys())
+def test_frozen_decode_is_read_only_or_private(build: Callable[[], Any], private: bool):
+    """Issue 12, defect 3: what the worker cache keeps for mmap_mode="r" is
+    read-only, or reported as needing a decode per task."""
+    obj = build()
+    got, got_private = _frozen_roundtrip(obj)
+    exact.assert_identical(got, _stdlib(obj), readonly_ok=True)
+    assert got_private is private
+    for arr in _arrays_of(got) if not isinstance(got, np.ndarray) else [got, getattr(got, "_mask", got)]:
+        assert not arr.flags.writeable
+    unfrozen, _ = roundtrip(obj)  # outside a frozen decode, as the stdlib gives them
+    if isinstance(obj, np.ndarray):
+        assert unfrozen.flags.writeable == (obj.dtype == object or type(obj) is not np.ndarray)
+
+
+def test_task_view_of_a_masked_array_has_its_own_fill_value():
+    got, _ = _frozen_roundtrip(np.ma.array([1.0, 2.0], mask=[0, 1], fill_value=-1.0))
+    _codec.task_view(got).fill_value = 5.0
+    assert got.fill_value == -1.0
+
+
+def test_fingerprint_compares_attrs_by_value_and_arrays_by_content():
+    """Issue 12, defect 4: attrs holding an array compared as changed each time."""
+    frame = pd.DataFrame({"a": [1.0]})
+    frame.attrs = {"weights": np.arange(3.0), "unit": decimal.Decimal("1.1")}
+    before = _codec.fingerprint(frame)
+    assert _codec.same_fingerprint(before, _codec.fingerprint(frame))
+    frame.attrs["weights"][0] = -0.0  # 0.0 == -0.0, but a worker tells them apart
+    assert not _codec.same_fingerprint(before, _codec.fingerprint(frame))
+    before = _codec.fingerprint(frame)
+    frame.attrs["unit"] = decimal.Decimal("1.10")
+    assert not _codec.same_fingerprint(before, _codec.fingerprint(frame))
+
+
+def test_fingerprint_of_attrs_that_cannot_be_compared_holds_until_they_are_replaced():
+    frame = pd.DataFrame({"a": [1.0]})
+    frame.attrs["lock"] = threading.Lock()  # pickle refuses it
+    before = _codec.fingerprint(frame)
+    assert _codec.same_fingerprint(before, _codec.fingerprint(frame))
+    frame.attrs = {"lock": frame.attrs["lock"]}  # another dict
+    assert not _codec.same_fingerprint(before, _codec.fingerprint(frame))
+
+
+def test_names_are_compared_exactly():
+    series = pd.Series([1.0], name=1)
+    before = _codec.fingerprint(series)
+    series.name = True  # == 1
+    assert not _codec.same_fingerprint(before, _codec.fingerprint(series))
+
+
+def test_a_layout_plain_pickle_refuses_is_written_with_cloudpickle_if_the_pool_can():
+    """Issue 12, defect 6 (the codec's part): loky's pickler sends lambdas."""
+    frame = pd.DataFrame({"a": [1.0, 2.0]})
+    frame.attrs["scale"] = lambda x: 2 * x
+    with pytest.raises(_codec.UnencodableError, match="cannot share this DataFrame"):
+        _codec.encode(frame)
+    layout, buffers = _codec.encode(frame, cloudpickle_fallback=True)
+    got = _codec.decode(layout, [memoryview(b.raw()).toreadonly() for b in buffers])
+    assert got.attrs["scale"](3) == 6
+    pd.testing.assert_frame_equal(got, frame)

@@ -24,6 +24,7 @@ from sharedexec import _registry
 
 from . import _sharing_tasks as tasks
 from . import _wrapping_tasks as wrapping
+from .conftest import owned_segments
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +267,13 @@ def test_functions_of_the_main_script_decorated_or_wrapped_inline(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[500000, 500001, 500002, 500003]", "[500000, 499999]", "[500000, 499999]", "1"]
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize("obj", [[np.arange(10)], {"a": np.arange(10)}, (np.arange(10),), 3.5], ids=["list", "dict", "tuple", "float"])
+def test_share_refuses_other_types_before_writing_anything(obj):
+    """Issue 12, defect 5: share([..]) wrote a segment, then failed on a weak reference."""
+    before = owned_segments()
+    with pytest.raises(TypeError, match=r"share\(\) takes one pandas DataFrame, Series or Index, numpy ndarray") as info:
+        sharedexec.share(obj)
+    assert isinstance(info.value, sharedexec.SharedExecError)
+    assert owned_segments() == before

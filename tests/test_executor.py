@@ -166,6 +166,16 @@ def test_unpicklable_argument_fails_its_future_only(warm_pool, frame):
     assert warm_pool.submit(square, 3, frame).result() == (9, checksum(frame))
 
 
+def test_a_frame_plain_pickle_refuses_fails_as_under_the_stdlib(warm_pool, big_frame):
+    """Issue 12, defect 6: what cannot be shared is pickled as the stdlib
+    would (here: refused the same way), never failed by sharedexec."""
+    df = big_frame.copy()
+    df.attrs["scale"] = lambda n: 2 * n
+    exc = warm_pool.submit(square, 3, df).exception()
+    assert type(exc) is pickling_error(df.attrs["scale"]) and "lambda" in str(exc)
+    assert warm_pool.submit(square, 3, big_frame).result() == (9, checksum(big_frame))
+
+
 def test_unpicklable_function_fails_its_future(warm_pool, frame):
     local = lambda x: x  # noqa: E731
     assert type(warm_pool.submit(local, frame).exception()) is pickling_error(local)

@@ -29,7 +29,7 @@ from joblib.externals.loky.process_executor import TerminatedWorkerError
 
 import sharedexec
 
-from . import _tasks
+from . import _sharing_tasks, _tasks
 from ._tasks import block_until, checksum, make_frame, square, touch
 
 BACKENDS = ["loky", "sharedexec"]
@@ -387,3 +387,12 @@ def test_segments_are_freed_after_a_worker_crash(files, no_leaks):
     del df
     gc.collect()
     assert sharedexec.stats()["segments"] == segments
+
+
+def test_a_frame_loky_can_send_is_sent(backend, big_frame):
+    """Issue 12, defect 6: a lambda in attrs (cloudpickle sends it) failed
+    under "sharedexec", whose layouts were written with plain pickle."""
+    df = big_frame.copy()
+    df.attrs["scale"] = lambda n: 2 * n
+    out = Parallel(n_jobs=2, backend=backend)(delayed(_sharing_tasks.scaled)(df) for _ in range(3))
+    assert out == [2 * len(df)] * 3

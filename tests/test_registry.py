@@ -191,3 +191,24 @@ def test_derived_frame_reuses_arrow_columns_too(registry):
     second = registry.publish(df.assign(b=1))
     assert second.depends == [first]
     assert registry.counters["bytes_copied"] - copied < 10 * len(df)  # the new int64 column only
+
+
+def test_attrs_holding_an_array_are_published_once(registry):
+    """Issue 12, defect 4: comparing the arrays raised, read as "changed"."""
+    df = frame()
+    df.attrs["weights"] = np.arange(10.0)
+    first = registry.publish(df)
+    assert all(registry.publish(df) is first for _ in range(9))
+    assert registry.counters["publications"] == 1
+    df.attrs["weights"][0] = -1.0  # the content changed: the worker must see it
+    assert registry.publish(df) is not first
+
+
+def test_attrs_that_cannot_be_compared_are_published_once_until_replaced(registry):
+    df = frame()
+    df.attrs["scale"] = lambda x: x  # neither comparable nor picklable by plain pickle
+    first = registry.publish(df, cloudpickle_fallback=True)
+    assert all(registry.publish(df, cloudpickle_fallback=True) is first for _ in range(9))
+    df.attrs = dict(df.attrs)
+    assert registry.publish(df, cloudpickle_fallback=True) is not first
+    assert registry.counters["publications"] == 2

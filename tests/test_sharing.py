@@ -185,3 +185,30 @@ def _mutate(df):
     df.attrs["k"] = "v"
     df.drop(columns="a", inplace=False)
     return seen
+
+
+def _mutable_objects() -> dict:
+    lists = np.empty(3, dtype=object)
+    lists[:] = [[1], [2], None]
+    return {
+        "object-ndarray": np.array(["a", "b", "c"], dtype=object),
+        "lists-in-object-ndarray": lists,
+        "masked": np.ma.array([1.0, 2.0], mask=[0, 1]),
+        "matrix": np.matrix([[1, 2], [3, 4]]),
+        "metadata": tasks.WithMetadata({"a": [1.0, 2.0]}),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+@pytest.mark.parametrize("mmap_mode", ["r", "c"])
+@pytest.mark.parametrize("kind", ["object-ndarray", "lists-in-object-ndarray", "masked", "matrix", "metadata"])
+def test_writes_of_one_task_never_reach_the_next(mp_context, kind, mmap_mode):
+    """Issue 12, defect 3: the worker cache handed each task the same
+    writable object arrays, masked arrays, matrices and metadata values."""
+    obj = _mutable_objects()[kind]
+    if kind == "metadata":
+        obj.notes = ["original"]
+    expected = tasks.write_into(pickle.loads(pickle.dumps(obj)))
+    with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=0, mmap_mode=mmap_mode) as ex:
+        seen = [ex.submit(tasks.write_into, obj).result() for _ in range(4)]
+    assert seen == [expected] * 4
