@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _codec, _names, _publication, _segment
-from ._errors import SegmentNotFoundError, SharedExecWarning
+from ._errors import SegmentNotFoundError, SegmentNotOursError, SharedExecWarning, SharedMemoryError
 
 _PHYS_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CACHE_ENV = "SHAREDEXEC_WORKER_CACHE_BYTES"
@@ -84,13 +84,13 @@ class WorkerCache:
     def resolve(self, handle: Handle) -> Any:
         try:
             if handle.mmap_mode == "c":
-                return self._read(_segment.attach(handle.name, copy_on_write=True), copy_on_write=True)
+                return self._read(_segment.attach(handle.name, copy_on_write=True, key=handle.key), copy_on_write=True)
             with self._lock:
                 entry = self._entries.get(handle.name)
                 if entry is not None:
                     self._entries.move_to_end(handle.name)
             if entry is None:
-                mapping = _segment.attach(handle.name, copy_on_write=False)
+                mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
                 with _codec.frozen_decode() as decoded:
                     obj = self._read(mapping, copy_on_write=False)
                 # An object with mutable values is never handed out twice.
@@ -102,7 +102,7 @@ class WorkerCache:
                     return obj
             return self._for_task(entry)
         except SegmentNotFoundError as exc:
-            raise handle.gone_error() from exc
+            raise handle.gone_error(exc) from exc
         finally:
             self._end_lease(handle)
 
@@ -115,6 +115,7 @@ class WorkerCache:
             return _codec.task_view(entry.obj)
         with _codec.frozen_decode():
             return self._read(entry.mapping, copy_on_write=False)
+
     def _end_lease(self, handle: Handle) -> None:
         # The segment is mapped (or will never be): the publisher may free it
         # whenever it likes now. No board (another machine, a dead publisher)
@@ -122,26 +123,27 @@ class WorkerCache:
         if handle.slot < 0:
             return
         try:
-            self._board(handle.board).view[_segment.ALIGN + handle.slot] = 0
-        except SegmentNotFoundError:
+            self._board(handle.board, handle.key).view[_segment.ALIGN + handle.slot] = 0
+        except SharedMemoryError:
             pass
 
     def _read(self, mapping: _segment.Mapping, copy_on_write: bool) -> Any:
+        key = mapping.key  # the handle's: the segments its table names are the same publisher's
         # Other segments a table names (buffers shared with an earlier
         # publication) are mapped with the same access, once per decode.
         others: dict[str, _segment.Mapping] = {}
 
         def attach_other(other: str) -> _segment.Mapping:
             if other not in others:
-                others[other] = _segment.attach(other, copy_on_write=copy_on_write)
+                others[other] = _segment.attach(other, copy_on_write=copy_on_write, key=key)
             return others[other]
 
         return _publication.read(mapping, attach_other)
 
-    def _board(self, name: str) -> _segment.Mapping:
+    def _board(self, name: str, key: bytes) -> _segment.Mapping:
         board = self._boards.get(name)
         if board is None:
-            board = self._boards[name] = _segment.attach(name, writable=True)
+            board = self._boards[name] = _segment.attach(name, writable=True, key=key)
         return board
 
     def _evict(self) -> None:
@@ -162,7 +164,10 @@ class WorkerCache:
 
 @dataclass(frozen=True)
 class Handle:
-    """What travels in a task instead of a large object (~150 bytes pickled)."""
+    """What travels in a task instead of a large object (~170 bytes pickled).
+
+    ``key`` authenticates the segments it names (``_segment``, Security): it
+    travels only here, through the pool's own pipe."""
 
     name: str
     mmap_mode: str
@@ -170,11 +175,12 @@ class Handle:
     slot: int
     publisher: int
     host: str
+    key: bytes
 
     def __reduce__(self):
-        return _resolve, (self.name, self.mmap_mode, self.board, self.slot, self.publisher, self.host)
+        return _resolve, (self.name, self.mmap_mode, self.board, self.slot, self.publisher, self.host, self.key)
 
-    def gone_error(self) -> SegmentNotFoundError:
+    def gone_error(self, error: SegmentNotFoundError | None = None) -> SegmentNotFoundError:
         if self.host != _names.HOST:
             cause = (
                 f"this process runs on {_names.HOST}: shared memory does not cross machines. On a "
@@ -187,6 +193,14 @@ class Handle:
             cause = (
                 f"it was removed from {_names.shm_dir()} by someone else (a cleanup script, "
                 "`rm /dev/shm/sx_*`, a container restart), or the task outlived its lease"
+            )
+        if isinstance(error, SegmentNotOursError):
+            # Its name was taken by a file that is not ours: say so, and why
+            # the segment itself is gone.
+            return SegmentNotOursError(
+                error.errno,
+                f"cannot rebuild a shared object: segment {self.name}, published by process "
+                f"{self.publisher} on {self.host}, is gone. Likely cause: {cause}. {error.strerror}",
             )
         return SegmentNotFoundError(
             2,
@@ -217,9 +231,9 @@ def defer_errors(errors: list[Exception] | None) -> None:
     _deferral.errors = errors
 
 
-def _resolve(name: str, mmap_mode: str, board: str, slot: int, publisher: int, host: str) -> Any:
+def _resolve(name: str, mmap_mode: str, board: str, slot: int, publisher: int, host: str, key: bytes) -> Any:
     try:
-        return CACHE.resolve(Handle(name, mmap_mode, board, slot, publisher, host))
+        return CACHE.resolve(Handle(name, mmap_mode, board, slot, publisher, host, key))
     except Exception as exc:
         errors = getattr(_deferral, "errors", None)
         if errors is None:
@@ -251,18 +265,19 @@ def remove_orphan_results(owner_pid: int) -> list[str]:
     return removed
 
 
-def claim_result(name: str) -> Any:
-    """Map a result privately (writable) and unlink it: it is ours alone now."""
+def claim_result(name: str, key: bytes) -> Any:
+    """Map a result privately (writable) and unlink it: it is ours alone now.
+    ``key`` is the writing worker's (``_segment``, Security)."""
     try:
-        mapping = _segment.attach(name, copy_on_write=True)
+        mapping = _segment.attach(name, copy_on_write=True, key=key)
     except SegmentNotFoundError as exc:
-        raise SegmentNotFoundError(
-            2,
+        raise type(exc)(
+            exc.errno,
             f"the result of a task was written to shared-memory segment {name}, which no longer "
-            f"exists: it was removed from {_names.shm_dir()} before this process read it.",
+            f"exists: it was removed from {_names.shm_dir()} before this process read it. {exc.strerror}",
         ) from exc
     try:
-        return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True))
+        return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key))
     finally:
         _segment.retire(name)
 

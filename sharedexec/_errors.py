@@ -24,6 +24,12 @@ class SegmentNotFoundError(SharedMemoryError, FileNotFoundError):
     """A handle names a segment that no longer exists."""
 
 
+class SegmentNotOursError(SegmentNotFoundError):
+    """A file at a segment's name is not a segment of this user: a symlink, a
+    FIFO, another user's file, a file with a mode other than 0600. It is never
+    read: the segment looked for is gone, and something else took its name."""
+
+
 class SegmentCorruptError(SharedMemoryError):
     """A segment's header or layout does not describe a valid sharedexec segment."""
 

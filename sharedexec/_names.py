@@ -6,22 +6,32 @@ unguessable, so nobody can pre-create a segment we are about to create; and the
 owner pid lets :mod:`sharedexec._reaper` and ``python -m sharedexec cleanup``
 find every segment of a process without any registration.
 
+A name is not proof of ownership: ``/dev/shm`` is one world-writable (sticky)
+directory, and anyone may create ``sx_<your pid>_...`` in it. Every sweep here
+therefore looks at each entry with ``lstat`` and touches only regular files
+owned by this process's effective user (:func:`is_mine`); a foreign entry, or
+one that cannot be removed, costs a DEBUG log line and never stops the sweep.
+
 This module imports nothing from the package: the reaper loads it from its file
 so that a process that only waits for its parent to die does not import pandas.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import socket
+import stat
 
 NAME_PREFIX = "sx_"
 NAME_RE = re.compile(r"^sx_(\d+)_[0-9a-f]{16}$")
 DEFAULT_DIR = "/dev/shm"
 DIR_ENV = "SHAREDEXEC_DIR"
 HOST = socket.gethostname()
+
+log = logging.getLogger("sharedexec")
 
 
 def shm_dir() -> str:
@@ -39,33 +49,52 @@ def owner_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def list_segments(directory: str | None = None) -> list[tuple[str, int, int]]:
-    """``(name, owner pid, size)`` of every sharedexec segment in ``directory``."""
+def is_mine(st: os.stat_result) -> bool:
+    """Whether an ``lstat`` result is a regular file of this effective user:
+    the only kind of entry a sweep may remove (root included)."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def list_segments(directory: str | None = None, mine_only: bool = False) -> list[tuple[str, int, int]]:
+    """``(name, owner pid, size)`` of every entry named like a sharedexec
+    segment in ``directory`` (only :func:`is_mine` ones if ``mine_only``).
+    Symlinks are never followed."""
     directory = directory or shm_dir()
     found = []
     try:
         entries = list(os.scandir(directory))
-    except FileNotFoundError:
+    except OSError as exc:
+        log.debug("cannot list %s: %s", directory, exc)
         return found
     for entry in entries:
         owner = owner_of(entry.name)
         if owner is None:
             continue
         try:
-            found.append((entry.name, owner, entry.stat().st_size))
-        except FileNotFoundError:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
             continue
+        if not mine_only or is_mine(st):
+            found.append((entry.name, owner, st.st_size))
     return found
 
 
 def remove_owned_by(pid: int, directory: str | None = None) -> list[str]:
-    """Unlink every segment named for owner ``pid``; returns their names."""
+    """Unlink every segment of ours named for owner ``pid``; returns their
+    names. Never raises for one entry: see the module docstring."""
     directory = directory or shm_dir()
     removed = []
-    for name, owner, _ in list_segments(directory):
-        if owner == pid:
-            unlink_path(os.path.join(directory, name))
-            removed.append(name)
+    for name, owner, _ in list_segments(directory, mine_only=True):
+        if owner != pid:
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.debug("cannot remove %s: %s", os.path.join(directory, name), exc)
+            continue
+        removed.append(name)
     return removed
 
 
@@ -77,8 +106,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
 
 
 def unlink_path(path: str) -> None:

@@ -11,8 +11,11 @@ a column subset) point at the buffers an earlier publication already holds
 instead of copying them again (vineyard#503). The publisher keeps those
 segments alive while this one lives.
 
-Sizes in the table are checked against the real size of each segment before
-any view is made: a corrupt or hostile table never reads out of bounds.
+The table and layout are unpickled only from a mapping ``_segment.attach``
+returned, i.e. after the segment's tag was verified with the key from the
+handle (``_segment``, Security): bytes that are not ours are never unpickled.
+Sizes in the table are still checked against the real size of each segment
+before any view is made: a corrupt table never reads out of bounds.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ it owns. It holds the only read end of a pipe whose only write end stays in
 that process: forked children close their copy (``register_at_fork``), spawned
 ones never inherit it. When the process exits -- normally, by exception or by
 SIGKILL -- the reaper reads EOF and unlinks every segment whose name carries
-that pid, in each directory it was told about. That includes results that
+that pid, in each directory it was told about -- only regular files of its
+own uid (a file another user made under such a name is left alone and does
+not stop the sweep, see :mod:`sharedexec._names`). That includes results that
 workers created on the process's behalf, since those are named for their
 owner too. It sweeps again a few seconds later, for a result a worker was still
 writing when the owner died (workers exit within a fraction of a second of
@@ -127,7 +129,10 @@ def _main(owner_pid: int) -> None:
     for delay in _SWEEP_DELAYS:
         time.sleep(max(0.0, start + delay - time.monotonic()))
         for directory in directories:
-            remove_owned_by(owner_pid, directory)
+            try:
+                remove_owned_by(owner_pid, directory)  # skips what is not ours, entry by entry
+            except Exception:  # noqa: BLE001 - the other directories and sweeps must still run
+                pass
 
 
 if __name__ == "__main__":

@@ -23,18 +23,52 @@ Layout of a segment::
 
 The header (64 bytes, little-endian) holds a magic, a version, a ``state`` the
 owner sets to RETIRED before unlinking (attached workers read it to drop their
-cache entry), the total size, where the layout lies, and the creator and
-owner pids. Buffers start on 64-byte boundaries.
+cache entry), the total size, where the layout lies, the creator and owner
+pids, and a 16-byte *tag* (see Security). Buffers start on 64-byte boundaries.
 
 Names, and finding segments by owner, are in :mod:`sharedexec._names`.
+
+Security
+--------
+Threat: other local users. ``/dev/shm`` is one world-writable (sticky)
+directory whose names anyone can list, and a segment's layout is a pickle.
+Whoever gets a file of theirs attached in place of ours -- by recreating the
+name of a segment that was just unlinked, say after its publisher died --
+would choose what we unpickle, i.e. run code as us. So a segment is used only
+if it is provably ours:
+
+* ``attach`` opens with ``O_NOFOLLOW | O_NONBLOCK`` (no symlink is followed,
+  a FIFO cannot block us), then checks the *descriptor* (``fstat``, no race
+  with the name): a regular file, owned by our effective uid, mode 0600, and
+  the size its header claims. Anything else is :class:`SegmentNotOursError`,
+  naming the file, its owner and what was expected.
+* Its header and layout must carry a valid tag: HMAC-SHA256 (truncated to 16
+  bytes) under the creating process's 16-byte key, over the segment's name,
+  its header (but the state) and its layout. The key never touches the file
+  system: it travels inside the handle, through the pool's own pipe. A tag
+  that does not verify is :class:`SegmentCorruptError`, raised before a byte
+  of the layout is unpickled. It is checked once per attach (a worker's cache
+  attaches a segment once), over the layout only -- the buffers are plain
+  numbers, never unpickled -- so it costs microseconds, not a pass over data.
+* ``retire``, ``creator_of`` and every sweep (:mod:`sharedexec._names`) touch
+  only regular files of our uid, and never stop at one bad entry.
+
+Not protected: processes of the same user (they can read our memory and our
+pipes anyway), root, and a ``SHAREDEXEC_DIR`` that other users can replace.
+Buffers are not authenticated: only our uid can write them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import hmac
+import logging
 import mmap
 import os
+import secrets
+import stat
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -42,25 +76,59 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._names import DIR_ENV, NAME_RE, new_name, shm_dir, unlink_path
+from ._names import DIR_ENV, NAME_RE, is_mine, new_name, shm_dir, unlink_path
 from ._errors import (
     SegmentCorruptError,
     SegmentNotFoundError,
+    SegmentNotOursError,
     SharedMemoryError,
     SharedMemoryFullError,
 )
 
+log = logging.getLogger("sharedexec")
+
 ALIGN = 64
 MAGIC = b"SHAREDX\0"
-VERSION = 1
+VERSION = 2  # 2: the tag
 STATE_LIVE = 0
 STATE_RETIRED = 1
 
 # magic, version, flags, state, total size, layout offset, layout size,
-# creator pid, owner pid, reserved
-HEADER = struct.Struct("<8sHHIQQQIIQ")
+# creator pid, owner pid, tag
+HEADER = struct.Struct("<8sHHIQQQII16s")
 STATE_OFFSET = 12
-assert HEADER.size <= ALIGN
+TAG_OFFSET = 48
+KEY_BYTES = 16
+assert HEADER.size == ALIGN and struct.calcsize("<8sHHIQQQII") == TAG_OFFSET
+
+_key: bytes | None = None
+
+
+def process_key() -> bytes:
+    """This process's secret: the key of every segment it creates. It leaves
+    the process only inside handles (see Security)."""
+    global _key
+    if _key is None:
+        _key = secrets.token_bytes(KEY_BYTES)
+    return _key
+
+
+def _new_key_in_child() -> None:
+    global _key
+    _key = None
+
+
+os.register_at_fork(after_in_child=_new_key_in_child)
+
+
+def tag(key: bytes, name: str, header: memoryview | bytes, layout: memoryview | bytes) -> bytes:
+    """The tag of a segment: HMAC-SHA256 over its name, its header without
+    the state (which changes on retirement) and the tag, and its layout."""
+    mac = hmac.new(key, name.encode(), hashlib.sha256)
+    mac.update(header[:STATE_OFFSET])
+    mac.update(header[STATE_OFFSET + 4 : TAG_OFFSET])
+    mac.update(layout)
+    return mac.digest()[:16]
 
 
 # Segments larger than this are filled by two threads (see _fill).
@@ -125,6 +193,7 @@ class Mapping:
     view: memoryview
     layout_offset: int = 0
     layout_size: int = 0
+    key: bytes = b""  # the key its tag verified with: for the segments its table names
 
     def state(self) -> int:
         return struct.unpack_from("<I", self.view, STATE_OFFSET)[0]
@@ -173,41 +242,107 @@ def create(
     free, _ = free_bytes(directory)
     if size > free:
         raise _full_error(size, directory)
-    path = os.path.join(directory, new_name(owner_pid))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    name = new_name(owner_pid)
+    path = os.path.join(directory, name)
+    key = process_key()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # whatever the umask: attach requires exactly 0600
         os.ftruncate(fd, size)
         view = memoryview(mmap.mmap(fd, size))
         # The header first: whoever finds the segment half-filled (its
         # creator killed meanwhile) can tell who made it, see creator_of().
         _fill(fd, view, [(0, memoryview(bytes(ALIGN)))], directory)
-        HEADER.pack_into(
-            view, 0, MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, 0
-        )
+        header = bytearray(HEADER.pack(
+            MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, b""
+        ))
+        header[TAG_OFFSET:] = tag(key, name, header, layout)
+        view[:ALIGN] = header
         _fill(fd, view, [*zip(offsets, buffers), (layout_offset, memoryview(layout))], directory)
     except BaseException:
         unlink_path(path)
         raise
     finally:
         os.close(fd)
-    return Mapping(os.path.basename(path), size, view, layout_offset, len(layout))
+    return Mapping(name, size, view, layout_offset, len(layout), key)
+
+
+def describe_uid(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return kind
+    return "a device or special file"
+
+
+def _not_ours(path: str, st: os.stat_result | None, expected_mode: bool = True) -> SegmentNotOursError:
+    found = (
+        "something this process may not open"
+        if st is None
+        else f"{file_kind(st.st_mode)} owned by {describe_uid(st.st_uid)} with mode {stat.S_IMODE(st.st_mode):04o}"
+    )
+    mode = " with mode 0600" if expected_mode else ""
+    return SegmentNotOursError(
+        errno.EPERM,
+        f"refusing {path}: it is {found}, not a sharedexec segment of this user (a regular file owned by "
+        f"{describe_uid(os.geteuid())}{mode}). It is never read. The segment of this name is gone, "
+        "and another user or program created a file under its name; remove that file as its owner.",
+        path,
+    )
+
+
+def _open_own(path: str, flags: int, strict: bool = True) -> tuple[int, os.stat_result]:
+    """Open ``path`` without following a symlink or blocking on a FIFO, and
+    check the descriptor: a regular file of our effective uid (and mode 0600
+    if ``strict``). SegmentNotFoundError if absent, SegmentNotOursError else."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise SegmentNotFoundError(errno.ENOENT, f"shared-memory segment {path} does not exist", path) from None
+    except OSError as exc:
+        # ELOOP: a symlink; EACCES/EPERM: another user's file; ENXIO: a FIFO
+        # opened for writing with no reader.
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        raise _not_ours(path, st, strict) from exc
+    st = os.fstat(fd)
+    if not is_mine(st) or (strict and stat.S_IMODE(st.st_mode) != 0o600):
+        os.close(fd)
+        raise _not_ours(path, st, strict)
+    return fd, st
 
 
 def attach(
-    name: str, copy_on_write: bool = False, writable: bool = False, directory: str | None = None
+    name: str,
+    copy_on_write: bool = False,
+    writable: bool = False,
+    directory: str | None = None,
+    key: bytes | None = None,
 ) -> Mapping:
     """Map an existing segment read-only; privately writable if
     ``copy_on_write`` (writes copy the touched pages and are seen by nobody
-    else); shared writable if ``writable`` (the lease board only). Validates
-    the header against the file's real size; never registers the segment
-    anywhere."""
+    else); shared writable if ``writable`` (the lease board only).
+
+    Only a segment of ours is mapped (see Security): a regular file of our
+    uid, mode 0600, whose header matches its size and whose tag verifies with
+    ``key`` (the creator's, from the handle; default: this process's). Never
+    registers the segment anywhere."""
     path = _path(name, directory)
+    key = process_key() if key is None else key
+    fd, st = _open_own(path, os.O_RDWR if writable else os.O_RDONLY)
     try:
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
-    except FileNotFoundError:
-        raise SegmentNotFoundError(errno.ENOENT, f"shared-memory segment {name} does not exist", path) from None
-    try:
-        size = os.fstat(fd).st_size
+        size = st.st_size
         if size < ALIGN:
             raise SegmentCorruptError(f"segment {name} is truncated: {size} bytes, smaller than its header")
         access = mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
@@ -215,7 +350,7 @@ def attach(
     finally:
         os.close(fd)
     view = memoryview(mm)
-    magic, version, _, _, total, layout_offset, layout_size, *_ = HEADER.unpack_from(view, 0)
+    magic, version, _, _, total, layout_offset, layout_size, *_, stored_tag = HEADER.unpack_from(view, 0)
     if magic != MAGIC:
         raise SegmentCorruptError(f"segment {name} has no sharedexec header (bad magic {magic!r})")
     if version != VERSION:
@@ -228,34 +363,63 @@ def attach(
             f"segment {name} is truncated or corrupt: header says {total} bytes with a layout at "
             f"{layout_offset}+{layout_size}, the file has {size} bytes"
         )
-    return Mapping(name, size, view, layout_offset, layout_size)
+    layout = view[layout_offset : layout_offset + layout_size]
+    if not hmac.compare_digest(stored_tag, tag(key, name, view[:ALIGN], layout)):
+        raise SegmentCorruptError(
+            f"segment {name} does not authenticate: its header or layout was changed after it was "
+            "written, or it is not the segment the handle names (a different key). It is not read."
+        )
+    return Mapping(name, size, view, layout_offset, layout_size, key)
 
 
 def creator_of(name: str, directory: str | None = None) -> int | None:
-    """The pid that created a segment, from its header (None if unreadable)."""
+    """The pid that created a segment of ours, from its header (None if it
+    is not ours or unreadable)."""
     try:
-        with open(_path(name, directory), "rb") as f:
-            header = f.read(HEADER.size)
-        return HEADER.unpack(header)[7] if len(header) == HEADER.size and header[:8] == MAGIC else None
-    except (OSError, SegmentCorruptError):
+        fd, _ = _open_own(_path(name, directory), os.O_RDONLY, strict=False)
+    except OSError:
         return None
-
-
-def retire(name: str, directory: str | None = None) -> None:
-    """Mark a segment retired (so attached workers drop it) and unlink it.
-
-    Unlinking does not disturb existing mappings: their memory is released
-    when the last one is unmapped. Missing segments are ignored."""
-    path = _path(name, directory)
     try:
-        fd = os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.pwrite(fd, struct.pack("<I", STATE_RETIRED), STATE_OFFSET)
+        header = os.pread(fd, HEADER.size, 0)
+    except OSError:
+        return None
     finally:
         os.close(fd)
-    unlink_path(path)
+    return HEADER.unpack(header)[7] if len(header) == HEADER.size and header[:8] == MAGIC else None
+
+
+def retire(name: str, directory: str | None = None) -> bool:
+    """Mark a segment of ours retired (so attached workers drop it) and
+    unlink it; whether it was.
+
+    Unlinking does not disturb existing mappings: their memory is released
+    when the last one is unmapped. Missing segments, files that are not ours
+    (left alone) and failures are a DEBUG log line, never an exception: every
+    caller is a sweep or a clean-up that must go on."""
+    path = _path(name, directory)
+    try:
+        fd, st = _open_own(path, os.O_WRONLY, strict=False)
+    except SegmentNotOursError as exc:
+        log.debug("not retiring %s: %s", path, exc.strerror)
+        return False
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.debug("cannot retire %s: %s", path, exc)
+        return False
+    try:
+        os.pwrite(fd, struct.pack("<I", STATE_RETIRED), STATE_OFFSET)
+        # Unlink the file we opened, not one that took its name meanwhile.
+        current = os.lstat(path)
+        if (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+            return True
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.debug("cannot retire %s: %s", path, exc)
+    finally:
+        os.close(fd)
+    return False
 
 
 def _get_copy_pool() -> ThreadPoolExecutor:

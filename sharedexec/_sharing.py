@@ -132,7 +132,7 @@ def _reduce_shared(pickler, obj: Any):
     if leases is not None:
         leases.append(token)
     pickler.__dict__.setdefault("_sharedexec_tokens", []).append(token)
-    return _cache._resolve, (pub.name, mmap_mode, board, slot, registry.pid, _names.HOST)
+    return _cache._resolve, (pub.name, mmap_mode, board, slot, registry.pid, _names.HOST, pub.mapping.key)
 
 
 def _pickle_plainly(pickler, obj: Any):
@@ -288,7 +288,7 @@ def _reduce_result(pickler, obj: Any):
         _warn_full_once(exc)
         return NotImplemented
     created.append(mapping.name)
-    return _cache.claim_result, (mapping.name,)
+    return _cache.claim_result, (mapping.name, mapping.key)
 
 
 @functools.cache

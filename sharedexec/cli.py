@@ -16,6 +16,14 @@ directory the reaper was not told about. ``cleanup`` only *lists* unless given
 ``--yes``, and never removes the segment of a live process: it asks again
 whether the owner is alive right before each removal.
 
+A name proves nothing: ``/dev/shm`` is world-writable, and anyone may create
+``sx_<pid>_...`` there. Each candidate is looked at with ``lstat`` (a symlink
+is never followed) and is a segment of the caller only if it is a regular
+file, owned by the caller's effective uid, starting with the sharedexec
+header. Other users' files are listed as "not yours" and left alone -- root
+included, unless given ``--all-users`` -- and files that merely look like
+segments (symlinks, FIFOs, no header) are listed and never touched.
+
 Pids are per pid namespace. When one ``/dev/shm`` is shared between
 containers (``docker run --ipc=host`` or ``--ipc=container:...``), a process of
 another container looks dead from here: run ``cleanup`` where the processes
@@ -25,7 +33,8 @@ segments are kept, the safe mistake.)
 Both commands print to stdout and return an exit code: 0 when all is well (for
 ``cleanup``: whatever it was asked to do is done), 1 when there is something
 to act on (``doctor``: a problem listed under "Problems"; ``cleanup``: a
-removal failed or the directory cannot be read), 2 for bad arguments.
+removal of the caller's segments failed or the directory cannot be read), 2
+for bad arguments. Other users' files never make ``cleanup`` fail.
 """
 
 from __future__ import annotations
@@ -35,12 +44,13 @@ import mmap
 import multiprocessing
 import os
 import platform
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import _names
-from ._segment import format_bytes
+from ._segment import MAGIC, describe_uid, file_kind, format_bytes
 
 #: Below this much free space, doctor warns: a typical DataFrame job wants more.
 LOW_SPACE_BYTES = 1 << 30
@@ -59,11 +69,15 @@ DOCKER_HINT = (
 
 @dataclass
 class Leftovers:
-    """The sharedexec segments of one directory, split by whether their owner lives."""
+    """The sharedexec segments of one directory that are the caller's (all
+    users' with ``all_users``), split by whether their owner lives; and what
+    only looks like one."""
 
     directory: str
     dead: list[tuple[str, int, int]] = field(default_factory=list)  # (name, owner pid, size)
     live: list[tuple[str, int, int]] = field(default_factory=list)
+    not_yours: list[tuple[str, str]] = field(default_factory=list)  # (name, what it is)
+    not_segments: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def dead_bytes(self) -> int:
@@ -74,12 +88,53 @@ class Leftovers:
         return sum(size for _, _, size in self.live)
 
 
-def find_leftovers(directory: str, only_pids: Sequence[int] = ()) -> Leftovers:
-    """Every ``sx_`` segment in ``directory`` (of the owners ``only_pids``,
-    if given), split by whether its owner lives."""
+def _has_header(path: str, st: os.stat_result) -> bool:
+    """Whether the file ``lstat`` saw at ``path`` starts with the sharedexec
+    magic. Opened without following a link or blocking on a FIFO, and only if
+    it is still that file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        now = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino) and os.pread(fd, len(MAGIC), 0) == MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _classify(path: str, all_users: bool) -> tuple[os.stat_result | None, str | None]:
+    """(its lstat, None) for a segment cleanup may handle; (its lstat,
+    "not yours" reason) or (.., "not a segment" reason) otherwise."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None, "gone"
+    what = f"{file_kind(st.st_mode)} of {describe_uid(st.st_uid)}"
+    if not stat.S_ISREG(st.st_mode):
+        return st, f"not a segment: {what}"
+    if st.st_uid != os.geteuid() and not all_users:
+        return st, f"not yours: {what}"
+    if not _has_header(path, st):
+        return st, f"not a segment: {what} without the sharedexec header"
+    return st, None
+
+
+def find_leftovers(directory: str, only_pids: Sequence[int] = (), all_users: bool = False) -> Leftovers:
+    """Every ``sx_`` segment of the caller (of every user if ``all_users``)
+    in ``directory`` (of the owners ``only_pids``, if given), split by whether
+    its owner lives; the rest under ``not_yours`` / ``not_segments``."""
     found = Leftovers(directory)
     for name, owner, size in sorted(_names.list_segments(directory)):
         if only_pids and owner not in only_pids:
+            continue
+        _, problem = _classify(os.path.join(directory, name), all_users)
+        if problem == "gone":
+            continue
+        if problem is not None:
+            (found.not_yours if problem.startswith("not yours") else found.not_segments).append((name, problem))
             continue
         (found.live if _names.pid_alive(owner) else found.dead).append((name, owner, size))
     return found
@@ -123,7 +178,7 @@ def _probe(directory: str) -> str | None:
     sharedexec does (0600, O_EXCL, posix_fallocate); the error, or None."""
     path = os.path.join(directory, _names.new_name(os.getpid()))
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         return f"cannot create a file there: {exc.strerror}"
     try:
@@ -257,6 +312,10 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
     else:
         row("of processes that are gone", "none")
     row("of live processes", _describe_owners(leftovers.live) if leftovers.live else "none")
+    if leftovers.not_yours:
+        row("of other users", f"{len(leftovers.not_yours)} file(s): not yours, left alone")
+    if leftovers.not_segments:
+        row("look-alikes", f"{len(leftovers.not_segments)} file(s) named sx_... that are not segments")
 
     print("Processes", file=out)
     methods = multiprocessing.get_all_start_methods()
@@ -319,12 +378,21 @@ def build_cleanup_parser() -> argparse.ArgumentParser:
         metavar="PID",
         help="only the segments of this owner pid (repeatable); still only if it is gone",
     )
+    p.add_argument(
+        "--all-users",
+        action="store_true",
+        help="root only: also handle other users' segments (regular files with the sharedexec "
+        "header); without it, they are listed as not yours and left alone",
+    )
     return p
 
 
 def main_cleanup(argv: Sequence[str] | None = None) -> int:
     """``python -m sharedexec cleanup [--yes]``: list, or remove, segments of processes that are gone."""
-    args = build_cleanup_parser().parse_args(argv)
+    parser = build_cleanup_parser()
+    args = parser.parse_args(argv)
+    if args.all_users and os.geteuid() != 0:
+        parser.error("--all-users is for root: other users' files can only be removed by their owner or root")
     out = sys.stdout
     directory = args.dir or _names.shm_dir()
     if not os.path.isdir(directory):
@@ -333,7 +401,14 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
     if not os.access(directory, os.R_OK | os.X_OK):
         print(f"cannot read {directory}: permission denied.", file=out)
         return 1
-    found = find_leftovers(directory, args.pid)
+    found = find_leftovers(directory, args.pid, args.all_users)
+    for title, entries in (("Not yours, left alone", found.not_yours), ("Not sharedexec segments, left alone", found.not_segments)):
+        if entries:
+            print(f"{title}:", file=out)
+            for name, what in entries:
+                print(f"  {os.path.join(directory, name)}  ({what})", file=out)
+    if found.not_yours and os.geteuid() == 0:
+        print("  (as root, pass --all-users to handle other users' segments too)", file=out)
     if found.live:
         print(f"Keeping {_describe_owners(found.live)} (alive).", file=out)
     if not found.dead:
@@ -348,9 +423,13 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
         print(f"  {path}  {format_bytes(size)}  (process {owner})", file=out)
         if not args.yes:
             continue
-        # Ask again right before removing: never a live process's segment.
+        # Ask again right before removing: never a live process's segment,
+        # never a file that took the segment's name meanwhile.
         if _names.pid_alive(owner):
             print(f"    kept: process {owner} is alive now", file=out)
+            continue
+        if _classify(path, args.all_users)[1] is not None:
+            print("    kept: it changed and is no longer a segment of yours", file=out)
             continue
         try:
             os.unlink(path)

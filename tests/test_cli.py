@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from sharedexec import _names, cli
+from sharedexec import _names, _segment, cli
 
 from . import _reliability_scripts as scripts
 
@@ -32,9 +32,10 @@ def dead_pid() -> int:
 
 
 def fake_segment(directory, owner: int, size: int = 4096) -> str:
+    """A file of ours with a segment's name and header."""
     name = f"sx_{owner}_{secrets.token_hex(8)}"
     with open(os.path.join(directory, name), "wb") as f:
-        f.write(b"\0" * size)
+        f.write(_segment.MAGIC + b"\0" * (size - len(_segment.MAGIC)))
     return name
 
 

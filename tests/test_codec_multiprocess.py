@@ -84,10 +84,10 @@ def _outside(frame: pd.DataFrame, mapping: _segment.Mapping) -> list[str]:
     return outside
 
 
-def decode_in_child(name: str) -> tuple[dict, list[str], int]:
-    """Runs in the child: attach by name, decode, describe."""
-    mapping = _segment.attach(name)
-    frame = _publication.read(mapping, _segment.attach)
+def decode_in_child(name: str, key: bytes) -> tuple[dict, list[str], int]:
+    """Runs in the child: attach by name (with the publisher's key), decode, describe."""
+    mapping = _segment.attach(name, key=key)
+    frame = _publication.read(mapping, lambda other: _segment.attach(other, key=key))
     return digest(frame), _outside(frame, mapping), os.getpid()
 
 
@@ -98,7 +98,7 @@ def test_child_decodes_what_the_parent_published(mp_context):
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), os.getpid())
     try:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp_context) as pool:
-            seen, outside, child = pool.submit(decode_in_child, mapping.name).result(timeout=120)
+            seen, outside, child = pool.submit(decode_in_child, mapping.name, mapping.key).result(timeout=120)
     finally:
         _segment.retire(mapping.name)
     assert child != os.getpid()

@@ -414,7 +414,7 @@ def test_plain_directory_through_sharedexec_dir(tmp_path):
 # -- corrupt and truncated segments ---------------------------------------------------
 
 # The header, field by field (``_segment.HEADER``).
-FIELDS = ["magic", "version", "flags", "state", "total", "layout_offset", "layout_size", "creator", "owner", "reserved"]
+FIELDS = ["magic", "version", "flags", "state", "total", "layout_offset", "layout_size", "creator", "owner", "tag"]
 
 
 @pytest.fixture
@@ -426,10 +426,13 @@ def published():
     copies: list[str] = []
 
     def clone(data: bytes | None = None) -> str:
+        """A copy under a new name, tagged with our key: damage done to it
+        afterwards reaches the checks behind the tag."""
         copy = f"sx_{os.getpid()}_{secrets.token_hex(8)}"
         if data is None:
             with open(os.path.join(directory, name), "rb") as f:
                 data = f.read()
+        data = seal(copy, data)
         fd = os.open(os.path.join(directory, copy), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -444,6 +447,15 @@ def published():
 
 def _path(name: str) -> str:
     return os.path.join(_names.shm_dir(), name)
+
+
+def seal(name: str, data: bytes) -> bytes:
+    """``data`` with the tag a segment named ``name`` of ours would carry."""
+    fields = dict(zip(FIELDS, _segment.HEADER.unpack(data[: _segment.HEADER.size])))
+    start = fields["layout_offset"]
+    head = bytearray(data[: _segment.ALIGN])
+    head[_segment.TAG_OFFSET :] = _segment.tag(_segment.process_key(), name, head, data[start : start + fields["layout_size"]])
+    return bytes(head) + data[_segment.ALIGN :]
 
 
 def read_segment(name: str):

@@ -106,7 +106,7 @@ def _identity(obj):
 
 def test_unresolvable_handle_says_why():
     with pytest.raises(sharedexec.SegmentNotFoundError) as info:
-        _cache._resolve("sx_1_0123456789abcdef", "r", "", -1, 1, "gpu-node-7")
+        _cache._resolve("sx_1_0123456789abcdef", "r", "", -1, 1, "gpu-node-7", bytes(16))
     message = str(info.value)
     assert "sx_1_0123456789abcdef" in message and "gpu-node-7" in message
     assert socket.gethostname() in message and "does not cross machines" in message
