@@ -100,7 +100,7 @@ def test_cleanup_asks_again_before_each_removal(segdir, capsys, monkeypatch):
     # (pid reuse) keeps its segment.
     directory, gone, names = segdir
     listed = cli.find_leftovers(str(directory))
-    monkeypatch.setattr(cli, "find_leftovers", lambda d, pids=(): listed)
+    monkeypatch.setattr(cli, "find_leftovers", lambda d, pids=(), all_users=False: listed)
     monkeypatch.setattr(_names, "pid_alive", lambda pid: True)
     assert cli.main_cleanup(["--dir", str(directory), "--yes"]) == 0
     assert set(names["dead"]) <= listing(directory)
