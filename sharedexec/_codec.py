@@ -67,8 +67,11 @@ import datetime as dt
 import decimal
 import fractions
 import io
+import logging
 import math
+import os
 import pickle
+import sys
 import threading
 import warnings
 from typing import Any, Callable, Iterator
@@ -240,6 +243,7 @@ def _handler_for(cls: type) -> Callable | None:
         return _handler_cache[cls]
     except KeyError:
         pass
+    _load_polars()
     handler = None
     for base, candidate in _HANDLERS:
         if issubclass(cls, base):
@@ -498,11 +502,78 @@ def _rebuild_multiindex(cls, levels, codes, names, sortorder):
     return cls(levels=levels, codes=codes, names=names, sortorder=sortorder, verify_integrity=False)
 
 
+# -- polars: optional, shared once the program has imported it ----------------
+# Its dtype knowledge is in _codec_polars, which imports polars: loaded only
+# when polars already is in sys.modules (sharedexec never imports it).
+
+_POLARS_TYPES: tuple[type, ...] = ()
+_polars_loaded = False
+_polars_codec: Any = None
+
+
+def _load_polars() -> tuple[type, ...]:
+    """polars' types once polars is imported (and pyarrow installed), else ()."""
+    global _POLARS_TYPES, SHAREABLE_TYPES, _polars_loaded, _polars_codec
+    if _polars_loaded or "polars" not in sys.modules:
+        return _POLARS_TYPES
+    _polars_loaded = True
+    if pa is None:
+        logging.getLogger("sharedexec").debug("polars objects go by pickling: sharing them needs pyarrow")
+        return _POLARS_TYPES
+    import polars as pl
+
+    from . import _codec_polars
+
+    _polars_codec = _codec_polars
+    _POLARS_TYPES = (pl.DataFrame, pl.Series)
+    SHAREABLE_TYPES += _POLARS_TYPES
+    _HANDLERS.extend([(pl.DataFrame, _codec_polars.reduce_frame), (pl.Series, _codec_polars.reduce_series)])
+    _handler_cache.clear()
+    return _POLARS_TYPES
+
+
+def _polars_pool_running() -> bool:
+    # polars names the threads of its pool "polars-<n>" (others, e.g. its
+    # "polars-ooc-clea..." cleaner, exist from import on and survive fork).
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith("polars-") and name[7:].isdigit():
+            return True
+    return False
+
+
+#: True in a process forked while polars' thread pool ran in its parent:
+#: polars calls that use the pool never return there (see _codec_polars).
+forked_with_polars_pool = False
+_pool_at_fork = False
+
+
+def _before_fork() -> None:
+    global _pool_at_fork
+    _pool_at_fork = "polars" in sys.modules and _polars_pool_running()
+
+
+def _after_fork_in_child() -> None:
+    global forked_with_polars_pool
+    forked_with_polars_pool = forked_with_polars_pool or _pool_at_fork
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 # -- what the registry and the worker cache ask of an object -------------------
 
 
 def is_shareable(obj: Any) -> bool:
-    return isinstance(obj, SHAREABLE_TYPES)
+    return isinstance(obj, SHAREABLE_TYPES) or (not _polars_loaded and isinstance(obj, _load_polars()))
 
 
 def nbytes(obj: Any) -> int:
@@ -511,6 +582,8 @@ def nbytes(obj: Any) -> int:
         return sum(blk.values.nbytes for blk in obj._mgr.blocks) + obj.index.nbytes
     if isinstance(obj, pd.Series):
         return obj.nbytes + obj.index.nbytes
+    if isinstance(obj, _load_polars()):
+        return _polars_codec.nbytes(obj)
     return int(obj.nbytes)
 
 
@@ -598,6 +671,8 @@ def fingerprint(obj: Any) -> tuple[tuple, Any]:
     if isinstance(obj, np.ndarray):
         # ndarray.resize() reallocates in place: the address says so.
         return (), (obj.shape, obj.strides, obj.dtype.str, obj.dtype, obj.__array_interface__["data"][0])
+    if isinstance(obj, _load_polars()):
+        return _polars_codec.fingerprint(obj)
     return (), ()  # pyarrow objects are immutable
 
 
@@ -641,4 +716,6 @@ def task_view(obj: Any) -> Any:
             # A view shares its 0-d fill value, which `.fill_value = x` sets in place.
             view._fill_value = view._fill_value.copy()
         return view
+    if isinstance(obj, _load_polars()):
+        return _polars_codec.task_view(obj)
     return obj  # pyarrow objects are immutable
