@@ -43,14 +43,17 @@ zero-copy: a view of the segment       numpy bool, int*, uint*, float* (float16
                                        (``S``/``U``/``V``) numpy dtypes; pyarrow
                                        Array / ChunkedArray / RecordBatch /
                                        Table; the same in Index form and in
-                                       MultiIndex levels and codes
+                                       MultiIndex levels and codes; polars
+                                       DataFrame / Series columns of every
+                                       dtype Arrow carries (``_codec_polars``)
 once per worker: pickled by value into ``object`` columns and labels (pandas 2's
 the layout, which lives in the segment  strings), ``string[python]``, pandas 3's
 too, unpickled when a worker first     ``str`` without pyarrow, numpy
 meets the object (the worker cache     ``StringDType`` and structured dtypes
 keeps it)                              with object fields, ndarray subclasses
                                        (``np.matrix``, ``np.ma``), attrs and
-                                       ``_metadata`` values that are not arrays
+                                       ``_metadata`` values that are not arrays,
+                                       polars Int128/UInt128 columns
 no buffer at all                       RangeIndex, empty arrays
 =====================================  =========================================
 

@@ -314,3 +314,28 @@ def test_fork_detection_reads_polars_pool_threads():
 
 def _forked_flag():
     return _codec.forked_with_polars_pool
+
+
+def test_a_clone_after_a_value_write_copies_only_the_changed_column(no_leaks):
+    from sharedexec import _registry
+
+    registry = _registry.REGISTRY
+    frame = pl.DataFrame({"a": np.arange(200_000), "b": np.ones(200_000), "s": [f"s{i}" for i in range(200_000)]})
+    first = registry.publish(frame)
+    frame[0, "a"] = 99
+    before = dict(registry.counters)
+    clone = frame.clone()
+    second = registry.publish(clone)
+    assert second is not first
+    copied = registry.counters["bytes_copied"] - before["bytes_copied"]
+    reused = registry.counters["bytes_reused"] - before["bytes_reused"]
+    assert copied == 200_000 * 8 and reused > 200_000 * 8
+    got = _publication_read(second)
+    assert_exact(got, clone)
+    del frame, clone, got, first, second
+
+
+def _publication_read(pub):
+    from sharedexec import _publication, _registry
+
+    return _publication.read(pub.mapping, lambda name: _registry.REGISTRY._by_name[name].mapping)

@@ -73,9 +73,13 @@ class Approach:
     def unavailable(self) -> str | None:
         return None
 
-    def frame_for(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def frame_for(self, frame: pd.DataFrame) -> Any:
         """The frame the tasks see (the expected results are computed on it)."""
         return frame
+
+    def frame_bytes(self, seen: Any) -> int | None:
+        """The size of ``frame_for``'s frame when it is another kind of object."""
+        return None
 
     def prepare(self, frame: pd.DataFrame) -> Any:
         return frame
@@ -130,6 +134,36 @@ class SharedexecExecutor(StdlibExecutor):
 
     def executor_class(self) -> type[concurrent.futures.ProcessPoolExecutor]:
         return _sharedexec("ProcessPoolExecutor")[0]
+
+
+class _PolarsFrame:
+    """Mixin: the tasks get the frame as a ``polars.DataFrame`` (converted before
+    the measurement, which starts when the tasks do)."""
+
+    def unavailable(self) -> str | None:
+        try:
+            import polars  # noqa: F401
+        except ImportError:
+            return "skipped: polars not installed"
+        return super().unavailable()
+
+    def frame_for(self, frame: pd.DataFrame) -> Any:
+        return tasks.to_polars(frame)
+
+    def frame_bytes(self, seen: Any) -> int | None:
+        return int(seen.estimated_size())
+
+
+class PolarsStdlib(_PolarsFrame, StdlibExecutor):
+    key = "polars-stdlib"
+    label = "polars DataFrame, stdlib executor"
+    note = "polars pickles the frame into every task"
+
+
+class PolarsSharedexec(_PolarsFrame, SharedexecExecutor):
+    key = "polars-sharedexec"
+    label = "polars DataFrame, sharedexec executor"
+    note = "the frame's Arrow columns, shared"
 
 
 class PlainPool(Approach):
@@ -357,5 +391,7 @@ APPROACHES: tuple[Approach, ...] = (
     ForkGlobal(),
     RayPut(),
     SharedexecExecutor(),
+    PolarsStdlib(),
+    PolarsSharedexec(),
 )
 BY_KEY = {a.key: a for a in APPROACHES}

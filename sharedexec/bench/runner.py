@@ -157,7 +157,9 @@ def _measure(
     ctx: multiprocessing.context.BaseContext,
     on_result: Callable[[], None],
 ) -> None:
-    expected_base = task(approach.frame_for(frame), 0)
+    seen = approach.frame_for(frame)
+    result.frame_bytes = approach.frame_bytes(seen) or result.frame_bytes
+    expected_base = task(seen, 0)
     stats_before = approach.stats() or {}
     with _meter() or _NoMeter() as prep_meter:
         t0 = time.perf_counter()
@@ -167,11 +169,11 @@ def _measure(
         if not approach.out_of_band:
             # Send a small frame first, so that the path the frame takes (pickling,
             # publishing, decoding) has imported what it needs in every worker.
-            list(run(tasks.task_len, 2 * workers, _warm_frame(frame, result.frame_bytes)))
+            list(run(tasks.task_len, 2 * workers, approach.frame_for(_warm_frame(frame, result.frame_bytes))))
         with _meter() or _NoMeter() as meter:
             t0 = time.perf_counter()
             results, first = [], None
-            for value in run(task, n, frame):
+            for value in run(task, n, seen):
                 if first is None:
                     first = time.perf_counter() - t0
                 results.append(value)
