@@ -81,20 +81,23 @@ def reference(obj):
     return pickle.loads(pickle.dumps(obj))
 
 
-def assert_exact(got, expected) -> None:
+def assert_exact(got, original) -> None:
+    """``got`` is what pickling ``original`` gives, exactly. Sorted flags are
+    the sender's: polars' IPC reader marks some all-null struct columns sorted
+    that were not (a hint it derives), and no task can rely on that."""
+    expected = reference(original)
     assert type(got) is type(expected)
     if isinstance(expected, pl.DataFrame):
         assert got.schema == expected.schema
         assert got.equals(expected, null_equal=True)
         assert got.n_chunks("all") == expected.n_chunks("all")
-        for name in expected.columns:
-            assert got[name].flags == expected[name].flags, name
+        assert [s.flags for s in got.iter_columns()] == [s.flags for s in original.iter_columns()]
     else:
         assert got.name == expected.name
         assert got.dtype == expected.dtype
         assert got.equals(expected, check_dtypes=True, check_names=True, null_equal=True)
-        assert got.flags == expected.flags
         assert got.n_chunks() == expected.n_chunks()
+        assert got.flags == original.flags
 
 
 def _segment_range(mapping) -> tuple[int, int]:
@@ -115,15 +118,14 @@ def assert_in_segment(series: pl.Series, mapping) -> None:
 def test_every_dtype_roundtrips_exactly(name, container):
     obj = CASES[name] if container == "series" else pl.DataFrame([CASES[name], pl.Series("n", range(N))])
     got, _ = roundtrip(obj)
-    assert_exact(got, reference(obj))
-    assert_exact(got, obj.rechunk())
+    assert_exact(got, obj)
 
 
 def test_all_dtypes_in_one_frame_roundtrip_exactly_and_zero_copy():
     frame = pl.DataFrame(list(CASES.values()))
     with published(frame) as name:
         got, mapping = decode(name)
-        assert_exact(got, reference(frame))
+        assert_exact(got, frame)
         for column in ("Int8", "Float64", "String", "Binary", "Decimal", "Datetime-ns-Paris", "List", "Struct"):
             assert_in_segment(got[column], mapping)
 
@@ -132,16 +134,16 @@ def test_all_dtypes_in_one_frame_roundtrip_exactly_and_zero_copy():
 def test_empty_columns_roundtrip_exactly(name):
     frame = pl.DataFrame([CASES[name]]).clear()
     got, _ = roundtrip(frame)
-    assert_exact(got, reference(frame))
+    assert_exact(got, frame)
 
 
 def test_chunked_input_comes_back_in_one_chunk_like_pickling():
     frame = pl.concat([pl.DataFrame([CASES["Int8"], CASES["String"], CASES["Enum"]])] * 3, rechunk=False)
     assert frame.n_chunks() == 3
     got, _ = roundtrip(frame)
-    assert_exact(got, reference(frame))
+    assert_exact(got, frame)
     series = pl.concat([CASES["Struct"]] * 3, rechunk=False)
-    assert_exact(roundtrip(series)[0], reference(series))
+    assert_exact(roundtrip(series)[0], series)
 
 
 class MyFrame(pl.DataFrame):
@@ -155,8 +157,8 @@ class MySeries(pl.Series):
 def test_subclasses_come_back_as_themselves():
     frame = MyFrame({"a": np.arange(10), "s": [str(i) for i in range(10)]})
     series = MySeries("x", np.arange(10))
-    assert_exact(roundtrip(frame)[0], reference(frame))
-    assert_exact(roundtrip(series)[0], reference(series))
+    assert_exact(roundtrip(frame)[0], frame)
+    assert_exact(roundtrip(series)[0], series)
 
 
 def test_unsupported_column_goes_by_pickling_with_a_debug_line(caplog):
@@ -164,7 +166,7 @@ def test_unsupported_column_goes_by_pickling_with_a_debug_line(caplog):
     with caplog.at_level(logging.DEBUG, logger="sharedexec"):
         with published(frame) as name:
             got, mapping = decode(name)
-            assert_exact(got, reference(frame))
+            assert_exact(got, frame)
             assert_in_segment(got["f"], mapping)  # the other columns are still shared
     assert any("'Int128-by-pickling' (Int128) goes into the layout by pickling" in r.getMessage() for r in caplog.records)
 
@@ -180,7 +182,7 @@ def test_object_columns_fail_as_polars_pickling_does():
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(dataframes(max_cols=6, max_size=20, excluded_dtypes=[pl.Object]))
 def test_generated_frames_roundtrip_exactly(frame):
-    assert_exact(roundtrip(frame)[0], reference(frame))
+    assert_exact(roundtrip(frame)[0], frame)
 
 
 def test_read_only_memory_is_never_written_through_polars():
