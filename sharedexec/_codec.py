@@ -516,7 +516,7 @@ _polars_codec: Any = None
 
 def _load_polars() -> tuple[type, ...]:
     """polars' types once polars is imported (and pyarrow installed), else ()."""
-    global _POLARS_TYPES, SHAREABLE_TYPES, _polars_loaded, _polars_codec
+    global _POLARS_TYPES, SHAREABLE_TYPES, SHAREABLE_NAMES, _polars_loaded, _polars_codec
     if _polars_loaded or "polars" not in sys.modules:
         return _POLARS_TYPES
     _polars_loaded = True
@@ -530,6 +530,7 @@ def _load_polars() -> tuple[type, ...]:
     _polars_codec = _codec_polars
     _POLARS_TYPES = (pl.DataFrame, pl.Series)
     SHAREABLE_TYPES += _POLARS_TYPES
+    SHAREABLE_NAMES += ", or polars DataFrame or Series"
     _HANDLERS.extend([(pl.DataFrame, _codec_polars.reduce_frame), (pl.Series, _codec_polars.reduce_series)])
     _handler_cache.clear()
     return _POLARS_TYPES

@@ -175,8 +175,9 @@ def test_object_columns_fail_as_polars_pickling_does():
     frame = pl.DataFrame({"o": pl.Series([object()] * 3, dtype=pl.Object)})
     with pytest.raises(pl.exceptions.ComputeError) as expected:
         pickle.dumps(frame)
-    with pytest.raises(pl.exceptions.ComputeError, match=str(expected.value)):
+    with pytest.raises(_codec.UnencodableError) as got:  # then the pool's own pickling says it
         _codec.encode(frame)
+    assert str(got.value.__cause__) == str(expected.value)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -341,3 +342,12 @@ def _publication_read(pub):
     from sharedexec import _publication, _registry
 
     return _publication.read(pub.mapping, lambda name: _registry.REGISTRY._by_name[name].mapping)
+
+
+def test_share_returns_a_polars_frame_backed_by_shared_memory(no_leaks):
+    frame = big_polars_frame()
+    shared = sharedexec.share(frame)
+    assert_exact(shared, frame)
+    with sharedexec.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver")) as executor:
+        assert executor.submit(describe, shared).result() == describe(frame)
+    del shared
