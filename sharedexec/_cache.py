@@ -8,9 +8,13 @@ With ``mmap_mode="c"`` each task maps the segment privately instead
 (copy-on-write: writes copy the touched pages, seen by nobody else) and nothing
 is cached.
 
-The cache is bounded in bytes and, before each task, drops the entries whose
-segment the publisher has retired, so a worker never pins memory the parent
-freed for longer than its next task.
+The cache is bounded in bytes and drops the entries whose segment the
+publisher has retired, before each task and every half second on a daemon
+thread -- a process that receives shared objects through a queue, and runs no
+task, drops them too. While it keeps a mapping, the process holds the
+segment's shared flock (``_segment``), which tells the publisher it is still
+needed; a ``mmap_mode="c"`` task maps privately and briefly, so the cache
+keeps a flock alone (``_segment.hold``) for those segments.
 
 Results travel the other way: a worker writes a large result into a segment
 named for the *caller* (so the caller's reaper removes it if the caller dies),
@@ -23,16 +27,18 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from . import _codec, _names, _publication, _segment
+from . import _codec, _leases, _names, _publication, _segment
 from ._errors import SegmentNotFoundError, SegmentNotOursError, SharedExecWarning, SharedMemoryError
 
 _PHYS_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 CACHE_ENV = "SHAREDEXEC_WORKER_CACHE_BYTES"
+_SWEEP_SECONDS = 0.5
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -80,11 +86,24 @@ class WorkerCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._boards: dict[str, _segment.Mapping] = {}
+        self._holds: dict[str, _segment.Hold] = {}  # segments of mmap_mode="c" tasks
+        self._sweeper: threading.Thread | None = None
 
     def resolve(self, handle: Handle) -> Any:
         try:
             if handle.mmap_mode == "c":
+                if handle.name not in self._holds:
+                    held = _segment.hold(handle.name)
+                    if held is not None:
+                        with self._lock:
+                            self._holds[handle.name] = held
+                            self._start_sweeper()
                 return self._read(_segment.attach(handle.name, copy_on_write=True, key=handle.key), copy_on_write=True)
+            if handle.publisher == os.getpid():
+                # Our own handle read back (Pool.terminate() drains its task
+                # queue by unpickling it): caching it would map our own
+                # segment, and so keep it, for good.
+                return self._read(_segment.attach(handle.name, key=handle.key), copy_on_write=False)
             with self._lock:
                 entry = self._entries.get(handle.name)
                 if entry is not None:
@@ -98,6 +117,7 @@ class WorkerCache:
                 with self._lock:
                     self._entries[handle.name] = entry
                     self._evict()
+                    self._start_sweeper()
                 if entry.private:
                     return obj
             return self._for_task(entry)
@@ -120,10 +140,10 @@ class WorkerCache:
         # The segment is mapped (or will never be): the publisher may free it
         # whenever it likes now. No board (another machine, a dead publisher)
         # means no lease to end, and must not hide the error being raised.
-        if handle.slot < 0:
+        if handle.lease < 0:
             return
         try:
-            self._board(handle.board, handle.key).view[_segment.ALIGN + handle.slot] = 0
+            _leases.clear(self._board(handle.board, handle.key).view, handle.lease)
         except SharedMemoryError:
             pass
 
@@ -153,10 +173,25 @@ class WorkerCache:
             total -= entry.nbytes
 
     def sweep(self) -> None:
-        """Drop entries whose publisher retired their segment."""
+        """Drop entries, holds and lease boards whose publisher retired them."""
+        retired = _segment.STATE_RETIRED
         with self._lock:
-            for name in [n for n, e in self._entries.items() if e.mapping.state() == _segment.STATE_RETIRED]:
+            for name in [n for n, e in self._entries.items() if e.mapping.state() == retired]:
                 del self._entries[name]
+            for name in [n for n, b in self._boards.items() if b.state() == retired]:
+                del self._boards[name]
+            for name in [n for n, h in self._holds.items() if h.state() == retired]:
+                _segment.drop_hold(self._holds.pop(name))
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = threading.Thread(target=self._sweep_forever, name="sharedexec-sweeper", daemon=True)
+            self._sweeper.start()
+
+    def _sweep_forever(self) -> None:
+        while True:
+            time.sleep(_SWEEP_SECONDS)
+            self.sweep()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -172,13 +207,13 @@ class Handle:
     name: str
     mmap_mode: str
     board: str
-    slot: int
+    lease: int  # slot << 8 | mark on the board (see _leases); negative: none
     publisher: int
     host: str
     key: bytes
 
     def __reduce__(self):
-        return _resolve, (self.name, self.mmap_mode, self.board, self.slot, self.publisher, self.host, self.key)
+        return _resolve, (self.name, self.mmap_mode, self.board, self.lease, self.publisher, self.host, self.key)
 
     def gone_error(self, error: SegmentNotFoundError | None = None) -> SegmentNotFoundError:
         if self.host != _names.HOST:
@@ -191,8 +226,9 @@ class Handle:
             cause = "the publishing process has exited, and its segments with it"
         else:
             cause = (
-                f"it was removed from {_names.shm_dir()} by someone else (a cleanup script, "
-                "`rm /dev/shm/sx_*`, a container restart), or the task outlived its lease"
+                "the publishing process released it (it does when no task it sent and no live "
+                "process needs it any more, and when it exits), or it was removed from "
+                f"{_names.shm_dir()} by a cleanup script, `rm /dev/shm/sx_*` or a container restart"
             )
         if isinstance(error, SegmentNotOursError):
             # Its name was taken by a file that is not ours: say so, and why
@@ -231,9 +267,9 @@ def defer_errors(errors: list[Exception] | None) -> None:
     _deferral.errors = errors
 
 
-def _resolve(name: str, mmap_mode: str, board: str, slot: int, publisher: int, host: str, key: bytes) -> Any:
+def _resolve(name: str, mmap_mode: str, board: str, lease: int, publisher: int, host: str, key: bytes) -> Any:
     try:
-        return CACHE.resolve(Handle(name, mmap_mode, board, slot, publisher, host, key))
+        return CACHE.resolve(Handle(name, mmap_mode, board, lease, publisher, host, key))
     except Exception as exc:
         errors = getattr(_deferral, "errors", None)
         if errors is None:

@@ -18,30 +18,36 @@ Copy only what is new
     :func:`sharedexec.share`) then points at those bytes instead of copying
     them again.
 
-Leases
-    A segment is unlinked when its object is gone *and* no task that carries
-    its handle can still need it. Tasks may be pickled long before a worker
-    reads them (``submit``; an unchanged ``Pool``'s task queue), and a stdlib
-    ``Pool`` tells nobody when a task ends, so a lease is a byte in a small
-    shared *lease board*: 1 when the handle is pickled, 0 once a worker has
-    mapped the segment (on Linux a mapped segment survives its unlinking).
-    Executors that know when a future ends clear their bytes themselves too,
-    which covers cancelled tasks and dead workers.
+Lifetime
+    A segment is needed while a task that carries its handle may still map
+    it (a *lease*, see ``_leases``) or a live process maps it (a shared
+    ``flock`` each mapping process holds, see ``_segment.in_use``). When
+    neither holds it is unlinked -- even if its object lives: a frame used by
+    one parallel step does not keep its shared copy after the pool is gone --
+    and published again at the next submission. Objects returned by
+    :func:`sharedexec.share` are the exception: their memory *is* the
+    segment, which lives as long as they do. Derived publications keep the
+    segments their tables name.
+
+        published --(leases ended, nobody maps it)--> unlinked (object lives:
+            |                                           republished if sent again)
+            +--(object gone, leases ended)----------> unlinked
 
 Retirement
     Before unlinking, the segment's header is marked retired, so that workers
-    drop their cached mapping at their next task (``_cache``).
+    drop their cached mapping (``_cache``).
 
-A small collector thread finishes releases whose leases were still held.
+A small collector thread finishes releases, polling while anything is published.
 """
 
 from __future__ import annotations
 
-import atexit
 import bisect
 import logging
+import multiprocessing.util
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,12 +60,12 @@ try:
 except ImportError:  # pragma: no cover - the no-pyarrow CI job
     pa = None
 
-from . import _codec, _names, _publication, _reaper, _segment
+from . import _codec, _leases, _names, _publication, _reaper, _segment
 
 log = logging.getLogger("sharedexec")
 
-BOARD_SLOTS = 1 << 20
-NO_SLOT = -1
+# How often the collector looks for segments nobody needs any more.
+POLL_SECONDS = 0.1
 
 
 @dataclass(eq=False)
@@ -72,53 +78,17 @@ class Publication:
     source: weakref.ref | None = None
     source_alive: bool = True
     pinned: bool = False  # a lease could not get a board slot: keep till exit
+    shared: bool = False  # its source came from share(): backed by the segment itself
+    released: bool = False
     slots: set[int] = field(default_factory=set)
-    dependents: int = 0
+    leased: int = 0  # leases taken so far: a change says "handed out again"
+    last_used: float = field(default_factory=time.monotonic)
+    dependents: int = 0  # unreleased publications whose tables name this one
     buffer_keys: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.mapping.name
-
-
-class _Board:
-    """The lease board: one byte per outstanding lease, cleared by workers.
-
-    A taken slot holds a mark (1..255, turning over), and a lease is ended by
-    the publisher only while its slot still holds its mark: a worker may have
-    cleared the slot already, and the slot been taken again for another task,
-    whose lease must not end with this one."""
-
-    def __init__(self, owner_pid: int):
-        self.mapping = _segment.create([memoryview(bytes(BOARD_SLOTS))], b"", owner_pid)
-        self._mm = self.mapping.view.obj
-        self._cursor = 0
-        self._mark = 0
-
-    @property
-    def name(self) -> str:
-        return self.mapping.name
-
-    def take(self) -> tuple[int, int]:
-        """A free slot and the lease token for it (slot and mark)."""
-        base = _segment.ALIGN
-        for start, stop in ((self._cursor, BOARD_SLOTS), (0, self._cursor)):
-            pos = self._mm.find(b"\0", base + start, base + stop)
-            if pos >= 0:
-                self._mark = self._mark % 255 + 1
-                self._mm[pos] = self._mark
-                self._cursor = pos - base + 1
-                slot = pos - base
-                return slot, slot << 8 | self._mark
-        return NO_SLOT, NO_SLOT
-
-    def held(self, slot: int) -> bool:
-        return self._mm[_segment.ALIGN + slot] != 0
-
-    def end(self, token: int) -> None:
-        slot, mark = token >> 8, token & 0xFF
-        if self._mm[_segment.ALIGN + slot] == mark:
-            self._mm[_segment.ALIGN + slot] = 0
 
 
 def _buffer_address(raw: memoryview) -> int:
@@ -158,7 +128,7 @@ class Registry:
         self._dead: deque[Publication] = deque()
         self._wake = threading.Event()
         self._collector: threading.Thread | None = None
-        self._board: _Board | None = None
+        self._board: _leases.Board | None = None
         self.counters = {"publications": 0, "reuse_hits": 0, "bytes_copied": 0, "bytes_reused": 0, "bytes_pickled": 0}
 
     # -- publishing -----------------------------------------------------------
@@ -189,7 +159,7 @@ class Registry:
             self._start_collector()
             _reaper.watch(_names.shm_dir())
             if self._board is None:  # first, so that a full directory fails here, not in lease()
-                self._board = _Board(self.pid)
+                self._board = _leases.Board(self.pid)
             layout, buffers = _codec.encode(obj, cloudpickle_fallback)
             raws = [buf.raw() for buf in buffers]
             refs, new, depends = [], [], []
@@ -277,6 +247,7 @@ class Registry:
             pub.fingerprint = _codec.fingerprint(shared)
             self._bind(pub, shared)
             pub.source_alive = True
+            pub.shared = True
             self._waiting.discard(pub)
             self._shared_ids.add(id(shared))
             return shared
@@ -288,26 +259,38 @@ class Registry:
 
     # -- leases -----------------------------------------------------------------
 
-    def lease(self, pub: Publication) -> tuple[str, int, int]:
+    def lease(self, pub: Publication) -> tuple[str, int, tuple[_leases.Board, int]]:
         """Take a lease on ``pub`` for one pickled handle: the board's name,
-        the slot a worker clears, and the token to end it with here."""
+        the lease a worker clears, and what ends it here (``end_leases``)."""
         with self._lock:
-            slot, token = self._board.take()
-            if slot == NO_SLOT:
+            lease, token = self._board.take()
+            if lease == _leases.NO_SLOT:
                 pub.pinned = True
             else:
-                pub.slots.add(slot)
-            return self._board.name, slot, token
+                pub.slots.add(lease >> 8)
+            pub.leased += 1
+            pub.last_used = self._board.last_taken
+            return self._board.name, lease, (self._board, token)
 
-    def end_leases(self, tokens: list[int]) -> None:
-        """The tasks holding these leases are over (done, failed, cancelled)."""
-        if not tokens:
-            return
+    def lease_for(
+        self, obj: Any, min_bytes: int = 0, cloudpickle_fallback: bool = False
+    ) -> tuple[Publication, str, int, tuple[_leases.Board, int]] | None:
+        """``obj``'s publication (see :meth:`publish`) and a lease on it, at
+        once: a publication the collector released meanwhile is published
+        again."""
+        pub = self.publish(obj, min_bytes, cloudpickle_fallback)
+        if pub is None:
+            return None
         with self._lock:
-            for token in tokens:
-                if token != NO_SLOT and self._board is not None:
-                    self._board.end(token)
-        self._wake.set()
+            if pub.released:
+                pub = self.publish(obj, 0, cloudpickle_fallback)
+            return pub, *self.lease(pub)
+
+    def end_leases(self, leases: list[tuple[_leases.Board, int]]) -> None:
+        """The tasks holding these leases are over (done, failed, cancelled)."""
+        _leases.end_leases(leases)
+        if leases:
+            self._wake.set()
 
     # -- releasing --------------------------------------------------------------
 
@@ -319,17 +302,26 @@ class Registry:
 
     def _start_collector(self) -> None:
         if self._collector is None:
+            # Trap 18: atexit runs hooks last-registered-first, and
+            # multiprocessing's -- registered when multiprocessing.util is
+            # first imported, perhaps by joblib before us -- joins the children
+            # still running. Our release must come after that join, or a
+            # child started with a shared object and never joined finds its
+            # segment gone: multiprocessing runs the finalizers of negative
+            # priority after joining the children. (Registered here, per
+            # process: a multiprocessing child forgets its parent's finalizers.)
+            multiprocessing.util.Finalize(None, _release_at_exit, exitpriority=-100)
             self._collector = threading.Thread(target=self._collect_forever, name="sharedexec-collector", daemon=True)
             self._collector.start()
 
     def _collect_forever(self) -> None:
         while True:
-            self._wake.wait(0.05 if self._waiting else None)
+            self._wake.wait(POLL_SECONDS if self._by_name or self._board is not None else None)
             self._wake.clear()
             self.collect()
 
     def collect(self) -> None:
-        """Release every publication whose object is gone and whose leases ended."""
+        """Release every publication no task and no process needs any more."""
         with self._lock:
             while self._dead:
                 pub = self._dead.popleft()
@@ -343,26 +335,56 @@ class Registry:
                             del self._buffers[key]
                     pub.buffer_keys.clear()
                     self._waiting.add(pub)
+            if self._board is not None and self._board.unreachable():
+                self._board.end_all()  # messages nobody can read any more
             for pub in list(self._waiting):
-                self._try_release(pub)
+                if self._unleased(pub):
+                    self._release(pub)
+            now = time.monotonic()
+            idle = [
+                (pub, pub.leased)
+                for pub in self._by_name.values()
+                if not pub.shared and now - pub.last_used > _leases.GRACE_SECONDS and self._unleased(pub)
+            ]
+        # Asking the kernel costs two system calls a publication: not under
+        # the lock that the per-task path takes. A lease taken meanwhile
+        # (``leased`` moved) cancels the release.
+        unmapped = [(pub, leased) for pub, leased in idle if not _segment.in_use(pub.name)]
+        with self._lock:
+            for pub, leased in unmapped:
+                if pub.leased == leased and self._unleased(pub):
+                    self._release(pub)
+            if not self._by_name and self._board is not None:
+                self._board.retire()  # ends nothing: no lease can be held without a publication
+                self._board = None
 
-    def _try_release(self, pub: Publication) -> None:
-        if pub.source_alive or pub.dependents or pub.pinned:
-            return
+    def _unleased(self, pub: Publication) -> bool:
+        """Whether ``pub`` may go as far as tasks are concerned: no dependent
+        publication, no outstanding lease, a pinned one never."""
+        if pub.released or pub.dependents or pub.pinned:
+            return False
         if self._board is not None:
             pub.slots = {slot for slot in pub.slots if self._board.held(slot)}
-        if pub.slots:
-            return
+        return not pub.slots
+
+    def _release(self, pub: Publication) -> None:
+        pub.released = True  # once: the dependencies below are counted down once
         self._waiting.discard(pub)
         if self._by_id.get(pub.key) is pub:
             del self._by_id[pub.key]
+        if pub.shared:
+            self._shared_ids.discard(pub.key)
+        for key in pub.buffer_keys:
+            if self._buffers.get(key, (None, None))[1] is pub:
+                del self._buffers[key]
         self._by_name.pop(pub.name, None)
         self._ranges = [r for r in self._ranges if r[2] is not pub]
         _segment.retire(pub.name)
         log.debug("released %s", pub.name)
         for dep in pub.depends:
             dep.dependents -= 1
-            self._try_release(dep)
+            if dep in self._waiting and self._unleased(dep):
+                self._release(dep)
 
     def release_all(self) -> None:
         """At exit: unlink everything this process owns, leases or not."""
@@ -370,7 +392,7 @@ class Registry:
             for pub in list(self._by_name.values()):
                 _segment.retire(pub.name)
             if self._board is not None:
-                _segment.retire(self._board.name)
+                self._board.retire()
             self._by_name.clear()
             self._by_id.clear()
         if _reaper.watching():  # results workers wrote for us, claimed or not
@@ -386,36 +408,6 @@ class Registry:
             }
 
 
-class TaskLeases(list):
-    """The lease tokens taken while pickling one submitted task.
-
-    The pool's queue feeder thread appends to it as it pickles the task; the
-    future's done callback calls :meth:`end`. A task may be pickled *after*
-    its future is done: a broken pool fails the tasks still waiting in the
-    feeder's buffer, and the feeder pickles (publishes, leases) them all the
-    same before it finds the pipe closed. A lease taken then is ended at once,
-    or it would keep its segment alive until the process exits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-        self._ended = False
-
-    def append(self, token: int) -> None:
-        with self._lock:
-            if not self._ended:
-                super().append(token)
-                return
-        REGISTRY.end_leases([token])
-
-    def end(self, _future: Any = None) -> None:
-        with self._lock:
-            self._ended = True
-            tokens = list(self)
-            self.clear()
-        REGISTRY.end_leases(tokens)
-
-
 REGISTRY = Registry()
 
 
@@ -427,4 +419,9 @@ def _new_registry_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_new_registry_in_child)
-atexit.register(lambda: REGISTRY.release_all() if REGISTRY.pid == os.getpid() else None)
+
+
+def _release_at_exit() -> None:
+    if REGISTRY.pid == os.getpid():
+        REGISTRY.release_all()
+

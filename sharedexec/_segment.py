@@ -26,6 +26,13 @@ owner sets to RETIRED before unlinking (attached workers read it to drop their
 cache entry), the total size, where the layout lies, the creator and owner
 pids, and a 16-byte *tag* (see Security). Buffers start on 64-byte boundaries.
 
+Who maps a segment is the kernel's to say (design brief, trap 17): every
+process that attaches one holds a shared ``flock`` on it for as long as its
+mapping lives -- one lock per segment and process, dropped with the last
+mapping, or by the kernel when the process dies, however it dies -- and the
+owner asks with a non-blocking exclusive ``flock`` (:func:`in_use`). No
+bookkeeping that a crash could leave wrong.
+
 Names, and finding segments by owner, are in :mod:`sharedexec._names`.
 
 Security
@@ -62,6 +69,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import hmac
 import logging
@@ -71,6 +79,7 @@ import secrets
 import stat
 import struct
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -323,6 +332,80 @@ def _open_own(path: str, flags: int, strict: bool = True) -> tuple[int, os.stat_
     return fd, st
 
 
+@dataclass(eq=False)
+class Hold:
+    """This process's shared flock on one segment: taken by the first
+    mapping (or :func:`hold`), released with the last."""
+
+    name: str
+    fd: int
+    refs: int = 0
+
+    def state(self) -> int:
+        return struct.unpack("<I", os.pread(self.fd, 4, STATE_OFFSET))[0]
+
+
+_holds: dict[str, Hold] = {}
+_holds_lock = threading.Lock()
+
+
+def _take_hold(name: str, fd: int) -> tuple[Hold | None, bool]:
+    """This process's hold on ``name``, one more reference to it, and
+    whether it keeps ``fd`` (the caller must then not close it)."""
+    with _holds_lock:
+        held = _holds.get(name)
+        if held is None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                # Its owner is unlinking it right now: the mapping is good
+                # (it survives the unlinking), there is nothing to keep.
+                return None, False
+            held = _holds[name] = Hold(name, fd)
+            held.refs = 1
+            return held, True
+        held.refs += 1
+        return held, False
+
+
+def drop_hold(held: Hold) -> None:
+    with _holds_lock:
+        held.refs -= 1
+        if held.refs == 0:
+            if _holds.get(held.name) is held:
+                del _holds[held.name]
+            os.close(held.fd)
+
+
+def hold(name: str, directory: str | None = None) -> Hold | None:
+    """Say "this process still needs ``name``" without mapping it (the
+    copy-on-write tasks map it privately, one task at a time); None if it is
+    gone. Give it back with :func:`drop_hold`."""
+    try:
+        fd, _ = _open_own(_path(name, directory), os.O_RDONLY)
+    except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
+        return None
+    held, kept = _take_hold(name, fd)
+    if not kept:
+        os.close(fd)
+    return held
+
+
+def in_use(name: str, directory: str | None = None) -> bool:
+    """Whether another process (or a mapping of this one's) maps ``name``."""
+    try:
+        fd, _ = _open_own(_path(name, directory), os.O_RDONLY)
+    except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops our lock, if we got it
+
+
 def attach(
     name: str,
     copy_on_write: bool = False,
@@ -337,18 +420,25 @@ def attach(
     Only a segment of ours is mapped (see Security): a regular file of our
     uid, mode 0600, whose header matches its size and whose tag verifies with
     ``key`` (the creator's, from the handle; default: this process's). Never
-    registers the segment anywhere."""
+    registers the segment anywhere. But for the lease board, the mapping
+    holds the segment's shared flock while it lives."""
     path = _path(name, directory)
     key = process_key() if key is None else key
     fd, st = _open_own(path, os.O_RDWR if writable else os.O_RDONLY)
+    held, kept = None, False
     try:
         size = st.st_size
         if size < ALIGN:
             raise SegmentCorruptError(f"segment {name} is truncated: {size} bytes, smaller than its header")
         access = mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
         mm = mmap.mmap(fd, size, access=access)
+        if not writable:
+            held, kept = _take_hold(name, fd)
+            if held is not None:
+                weakref.finalize(mm, drop_hold, held)
     finally:
-        os.close(fd)
+        if not kept:
+            os.close(fd)
     view = memoryview(mm)
     magic, version, _, _, total, layout_offset, layout_size, *_, stored_tag = HEADER.unpack_from(view, 0)
     if magic != MAGIC:

@@ -110,13 +110,14 @@ def _reduce_shared(pickler, obj: Any):
         if pub is None:
             return NotImplemented
         mmap_mode, leases = "r", None
+        board, lease, token = registry.lease(pub)
     else:
         if not _codec.is_shareable(obj) or id(obj) in pickler.__dict__.get("_sharedexec_plain", ()):
             return NotImplemented
         options, leases = task.options, task.leases
         mmap_mode = options.mmap_mode
         try:
-            pub = registry.publish(obj, options.min_bytes, _pickles_functions(pickler))
+            leased = registry.lease_for(obj, options.min_bytes, _pickles_functions(pickler))
         except _codec.UnencodableError:
             # The pool's own pickling sends it, or raises what it would raise.
             return _pickle_plainly(pickler, obj)
@@ -126,13 +127,13 @@ def _reduce_shared(pickler, obj: Any):
             registry.counters["bytes_pickled"] += _codec.nbytes(obj)
             _warn_full_once(exc)
             return _pickle_plainly(pickler, obj)
-        if pub is None:
+        if leased is None:
             return NotImplemented  # smaller than min_bytes
-    board, slot, token = registry.lease(pub)
+        pub, board, lease, token = leased
     if leases is not None:
         leases.append(token)
     pickler.__dict__.setdefault("_sharedexec_tokens", []).append(token)
-    return _cache._resolve, (pub.name, mmap_mode, board, slot, registry.pid, _names.HOST, pub.mapping.key)
+    return _cache._resolve, (pub.name, mmap_mode, board, lease, registry.pid, _names.HOST, pub.mapping.key)
 
 
 def _pickle_plainly(pickler, obj: Any):

@@ -5,6 +5,8 @@
   segment they mapped; a daemon thread notices the parent's death (the worker
   is re-parented) and ends the process.
 * Drop cached objects whose segment the parent retired (``_cache``).
+* Keep loky's memory-leak guard from counting shared pages (see
+  ``_exclude_shared_pages_from_loky_guard``).
 * Say what to do when a task writes into data shared read-only: numpy's
   "assignment destination is read-only" names neither sharedexec nor the fix.
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import gc
 import os
+import sys
 import threading
 import time
 
@@ -56,8 +60,42 @@ def watch_parent() -> None:
     threading.Thread(target=watch, name="sharedexec-parent-watch", daemon=True).start()
 
 
+_guard_patched = False
+
+
+def _exclude_shared_pages_from_loky_guard() -> None:
+    """Make loky's worker memory-leak guard measure private memory only.
+
+    loky restarts a worker whose RSS grew by ``_MAX_MEMORY_LEAK_SIZE`` (300 MB)
+    since its first task, with a "memory leak" warning (design brief, trap
+    16). RSS counts every page of a shared frame the worker has touched, so a
+    worker reading a 400 MB shared frame "leaks" 400 MB and is restarted
+    mid-run, and the frame mapped again by its successor. Shared pages are not
+    a leak: the guard measures resident memory minus the resident pages of
+    shared and file mappings (``/proc/self/statm``: resident - shared), which
+    is what leaks are made of. Workers are loky's, possibly running other
+    backends' tasks: their guard stays on, on the memory it was meant for."""
+    global _guard_patched
+    _guard_patched = True
+    loky_executor = sys.modules.get("joblib.externals.loky.process_executor")
+    if loky_executor is None or not getattr(loky_executor, "_USE_PSUTIL", False):
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def private_memory(pid: int, force_gc: bool = False) -> int:
+        if force_gc:
+            gc.collect()
+        with open(f"/proc/{pid}/statm") as f:
+            _, resident, shared = f.read().split()[:3]
+        return (int(resident) - int(shared)) * page
+
+    loky_executor._get_memory_usage = private_memory
+
+
 def enter_task() -> None:
     watch_parent()
+    if not _guard_patched:
+        _exclude_shared_pages_from_loky_guard()
     _cache.CACHE.sweep()
 
 

@@ -13,7 +13,7 @@ import concurrent.futures
 import os
 from typing import Any, Callable
 
-from . import _cache, _registry, _worker
+from . import _cache, _leases, _registry, _worker
 from ._sharing import Options, SharedTask, install_hooks
 
 
@@ -71,7 +71,7 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         )
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        leases = _registry.TaskLeases()
+        leases = _leases.TaskLeases()
         future = super().submit(SharedTask(fn, self._sharing, leases), *args, **kwargs)
         future.add_done_callback(leases.end)
         return future

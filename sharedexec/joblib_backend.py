@@ -21,7 +21,7 @@ from typing import Any
 from joblib import register_parallel_backend
 from joblib._parallel_backends import LokyBackend
 
-from . import _cache, _registry
+from . import _cache, _leases
 from ._sharing import Options, SharedTask, install_hooks
 
 
@@ -56,7 +56,7 @@ class JoblibBackend(LokyBackend):
 
     def submit(self, func: Any, callback: Any = None) -> Any:
         """Run a batch in a worker, its large arguments shared (joblib's hook)."""
-        leases = _registry.TaskLeases()
+        leases = _leases.TaskLeases()
         future = super().submit(SharedTask(func, self._sharing, leases), callback)
         future.add_done_callback(leases.end)
         return future

@@ -106,12 +106,12 @@ def test_lease_keeps_segment_until_ended(registry):
 def test_worker_clearing_the_slot_ends_the_lease(registry):
     df = frame()
     pub = registry.publish(df)
-    _, slot, _ = registry.lease(pub)
+    _, lease, _ = registry.lease(pub)
     del df
     gc.collect()
     registry.collect()
     assert pub.name in owned_segments()
-    registry._board.mapping.view[64 + slot] = 0  # what a worker does once it has mapped the segment
+    registry._board.mapping.view[64 + (lease >> 8)] = 0  # what a worker does once it has mapped the segment
     registry.collect()
     assert pub.name not in owned_segments()
 
@@ -174,11 +174,12 @@ def test_sharing_a_shared_object_returns_it():
 def test_ending_a_lease_never_ends_the_next_holder_of_its_slot(registry):
     df = frame()
     pub = registry.publish(df)
-    _, slot, token = registry.lease(pub)
+    _, lease, token = registry.lease(pub)
+    slot = lease >> 8
     registry._board.mapping.view[64 + slot] = 0  # the worker mapped it...
     registry._board._cursor = slot  # ...and the board came round to the slot again
     _, again, _ = registry.lease(pub)
-    assert again == slot
+    assert again >> 8 == slot
     registry.end_leases([token])  # the first task ends late
     assert registry._board.held(slot)  # the second lease stands
 

@@ -321,7 +321,7 @@ def test_removed_segment_error_says_what_happened():
         kind, message = pool.apply(scripts.load_handle, (payload,))
     assert kind == "SegmentNotFoundError"
     assert name in message and str(os.getpid()) in message
-    assert "removed from" in message and "by someone else" in message
+    assert "removed from" in message and "publishing process released it" in message
     del shared
     assert scripts.own_leaks() == []
 

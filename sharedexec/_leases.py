@@ -1,0 +1,160 @@
+"""Leases: which pickled handles a worker may still read.
+
+A handle is pickled into a task message long before a worker reads it
+(``submit``; an unchanged ``Pool``'s task queue), and a stdlib ``Pool`` tells
+nobody when a task ends. So each pickled handle takes a *lease*: one byte in a
+small shared *lease board* (one board per publishing process, a segment like
+the others)::
+
+    publisher                               worker
+    ---------                               ------
+    pickle handle: take a free slot,        unpickle handle: map the segment
+      write its mark (1..255) there,          (and take a shared flock on it,
+      the handle carries (slot, mark)         see _segment), then clear the
+    executor future done: end the token       slot -- if it still holds the
+      (only if the slot was not taken         handle's mark
+      again since: a generation per slot)
+
+A held slot means "a task that carries this handle may still map the segment".
+Once the worker has mapped it, the kernel's flock says who still needs it
+(``_segment.in_use``), and the board byte is no longer needed.
+
+A message can be pickled and never delivered: ``Pool.terminate()`` (leaving
+``with Pool()``, Ctrl-C) drops the tasks still queued, a broken executor drops
+its call queue. Nobody clears those slots. Every pool worker -- ``Pool``,
+``concurrent.futures``, loky -- is a multiprocessing child of the publisher,
+so once no child of ours is alive and no lease was taken for a grace period,
+no process can read a queued message any more: :meth:`Board.unreachable`, and
+the registry then ends every lease on the board.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from . import _segment
+
+BOARD_SLOTS = 1 << 20
+NO_SLOT = -1
+# Leases younger than this may belong to a message being handed to a process
+# that is starting (``Process.start`` pickles before the child is a child).
+GRACE_SECONDS = 1.0
+
+
+class Board:
+    """The lease board: one byte per outstanding lease, cleared by workers.
+
+    A taken slot holds a mark (1..255, turning over) that travels in the
+    handle: a worker clears the slot only while it still holds that mark. The
+    publisher's token names the slot and its *generation* (a private counter
+    per slot, bumped at every take), so a late end of an old lease never clears
+    a newer one, however often the board has wrapped around."""
+
+    def __init__(self, owner_pid: int):
+        self.mapping = _segment.create([memoryview(bytes(BOARD_SLOTS))], b"", owner_pid)
+        self._mm = self.mapping.view.obj
+        self._generations = np.zeros(BOARD_SLOTS, dtype=np.uint64)
+        self._cursor = 0
+        self._mark = 0
+        self.last_taken = 0.0
+        self.retired = False
+        # take() and end() run in pickling threads and in future callbacks.
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.mapping.name
+
+    def take(self) -> tuple[int, int]:
+        """A free slot: ``(lease, token)``. The lease (slot and mark) goes to
+        the worker in the handle; the token ends the lease here."""
+        base = _segment.ALIGN
+        with self._lock:
+            self.last_taken = time.monotonic()
+            return self._take(base)
+
+    def _take(self, base: int) -> tuple[int, int]:
+        for start, stop in ((self._cursor, BOARD_SLOTS), (0, self._cursor)):
+            pos = self._mm.find(b"\0", base + start, base + stop)
+            if pos >= 0:
+                self._mark = self._mark % 255 + 1
+                self._mm[pos] = self._mark
+                slot = pos - base
+                self._cursor = slot + 1
+                self._generations[slot] += 1
+                return slot << 8 | self._mark, int(self._generations[slot]) << 32 | slot
+        return NO_SLOT, NO_SLOT
+
+    def held(self, slot: int) -> bool:
+        return self._mm[_segment.ALIGN + slot] != 0
+
+    def end(self, token: int) -> None:
+        slot, generation = token & 0xFFFFFFFF, token >> 32
+        with self._lock:
+            if not self.retired and self._generations[slot] == generation:
+                self._mm[_segment.ALIGN + slot] = 0
+
+    def unreachable(self) -> bool:
+        """Whether no process can read a message pickled so far: no lease
+        taken for a grace period, and no multiprocessing child alive."""
+        return time.monotonic() - self.last_taken > GRACE_SECONDS and not multiprocessing.active_children()
+
+    def end_all(self) -> None:
+        with self._lock:
+            self._mm[_segment.ALIGN : _segment.ALIGN + BOARD_SLOTS] = bytes(BOARD_SLOTS)
+
+    def retire(self) -> None:
+        with self._lock:
+            self.retired = True
+        _segment.retire(self.name)
+
+
+class TaskLeases(list):
+    """The leases taken while pickling one submitted task, as ``(board,
+    token)`` pairs.
+
+    The pool's queue feeder thread appends to it as it pickles the task; the
+    future's done callback calls :meth:`end`. A task may be pickled *after*
+    its future is done: a broken pool fails the tasks still waiting in the
+    feeder's buffer, and the feeder pickles (publishes, leases) them all the
+    same before it finds the pipe closed. A lease taken then is ended at once,
+    or it would keep its segment alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def append(self, lease: tuple[Board, int]) -> None:
+        with self._lock:
+            if not self._ended:
+                super().append(lease)
+                return
+        end_leases([lease])
+
+    def end(self, _future: Any = None) -> None:
+        with self._lock:
+            self._ended = True
+            leases = list(self)
+            self.clear()
+        end_leases(leases)
+
+
+def end_leases(leases: list[tuple[Board, int]]) -> None:
+    """The tasks holding these leases are over (done, failed, cancelled),
+    or their messages will never be sent."""
+    for board, token in leases:
+        if token != NO_SLOT:
+            board.end(token)
+
+
+def clear(board: memoryview, lease: int) -> None:
+    """A worker's end of a lease: its slot, if it still holds its mark."""
+    slot, mark = lease >> 8, lease & 0xFF
+    if board[_segment.ALIGN + slot] == mark:
+        board[_segment.ALIGN + slot] = 0

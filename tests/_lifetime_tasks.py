@@ -1,0 +1,69 @@
+"""Module-level task functions for test_lifetime (spawn and forkserver
+workers import them by name)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pandas as pd
+
+import sharedexec
+
+from ._tasks import checksum, touch, wait_for
+
+
+def frame_checksum(df: pd.DataFrame, started: str | None = None):
+    if started is not None:
+        touch(f"{started}.{os.getpid()}")
+    return checksum(df)
+
+
+@sharedexec.shared(min_bytes=1000)
+def shared_checksum(args):
+    df, started = args
+    return frame_checksum(df, started)
+
+
+@sharedexec.shared(min_bytes=1000)
+def shared_wait(args):
+    """Start, say so, and wait for a file that never comes (the pool is
+    terminated) -- or die, if asked to."""
+    df, started, release, die = args
+    touch(f"{started}.{os.getpid()}")
+    if die:
+        os._exit(1)
+    wait_for(release)
+    return checksum(df)
+
+
+def consume(queue, done: str) -> None:
+    """A process that is no pool worker: receives shared frames through a
+    queue, uses them, keeps none, and lives on."""
+    count = 0
+    while (df := queue.get()) is not None:
+        checksum(df)
+        count += 1
+        del df
+    touch(done)
+    while True:
+        time.sleep(1)
+
+
+def loky_guard_touch(df: pd.DataFrame, tighten: bool):
+    """In a loky worker: make the memory-leak guard strict (10 MB, checked
+    at every task) the first time, read every page of the frame after."""
+    from joblib.externals.loky import process_executor
+
+    if tighten:
+        process_executor._MAX_MEMORY_LEAK_SIZE = 10 << 20
+        process_executor._MEMORY_LEAK_CHECK_DELAY = 0.0
+        return os.getpid()
+    checksum(df)
+    return os.getpid()
+
+
+def mapped_segments(pid: int) -> list[str]:
+    """The sx_ segments process ``pid`` maps now."""
+    with open(f"/proc/{pid}/maps") as f:
+        return sorted({line.split("/")[-1].split()[0] for line in f if "/sx_" in line})
