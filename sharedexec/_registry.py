@@ -372,8 +372,6 @@ class Registry:
         self._waiting.discard(pub)
         if self._by_id.get(pub.key) is pub:
             del self._by_id[pub.key]
-        if pub.shared:
-            self._shared_ids.discard(pub.key)
         for key in pub.buffer_keys:
             if self._buffers.get(key, (None, None))[1] is pub:
                 del self._buffers[key]
