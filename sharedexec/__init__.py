@@ -32,7 +32,9 @@ How it works (each box is one module; ``docs/how-it-works.md`` says more):
         + a lease -> Handle (~150 B)                   each task: a shallow view
      _reaper: unlinks our segments if we die            fn(view, cfg) -> ResultBox
     future done / worker mapped it -> lease ends        large result -> a segment
-    object gone and no lease -> retired, unlinked        named for the parent
+     (_leases: the board of pickled handles)             named for the parent
+    no lease, no process maps it (flock), or object   mapping holds a shared flock
+      gone and no lease -> retired, unlinked           on the segment (_segment)
     result <- _cache.claim_result (private, writable) <-
 ```
 
