@@ -30,7 +30,7 @@ How it works (each box is one module; ``docs/how-it-works.md`` says more):
         _publication.write -> _segment.create             (read-only), _codec.decode,
           (fallocate, 2-thread copy, sx_<pid>_<rand>)     kept per process
         + a lease -> Handle (~150 B)                   each task: a shallow view
-     _reaper: unlinks our segments if we die            fn(view, cfg) -> ResultBox
+     _reaper: unlinks our segments if we die            fn(view, cfg) -> result
     future done / worker mapped it -> lease ends        large result -> a segment
      (_leases: the board of pickled handles)             named for the parent
     no lease, no process maps it (flock), or object   mapping holds a shared flock

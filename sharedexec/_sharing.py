@@ -1,4 +1,4 @@
-"""Where pickling meets sharing: the reducer, the task wrapper, the result box.
+"""Where pickling meets sharing: the reducer, the task wrapper, the results.
 
 The three entry points share one mechanism. Each wraps the task's callable in
 a :class:`SharedTask` (the decorator *is* one). Pickling a task message puts
@@ -16,20 +16,27 @@ small handle::
                    + lease -> Handle        -> cached object's shallow view
     cfg         -> pickled as usual     -> cfg
                                         TaskRunner(df, cfg):
-                                          fn(df, cfg) -> ResultBox(result)
-    future result <- claim_result      <- large result -> segment for the caller
+                                          fn(df, cfg) -> result, as it is
+    future result <- claim_result      <- worker's next message, in result mode:
+                                          large result -> segment for the caller
 
 The hook is installed into the picklers the pools use: multiprocessing's
 ``ForkingPickler`` (``Pool``, ``concurrent.futures``, ``Process`` under spawn
 and forkserver, ``mp.Queue``) and loky's (joblib). Unarmed, it changes nothing
 but for objects returned by :func:`sharedexec.share`, which are always sent as
 handles; picklers are per message, so arming never leaks into other messages.
+
+A runner returns its function's value itself, whoever calls it (a Dask
+worker passes it straight to the next task). What sends a large result
+through shared memory is the pickling of the message that carries it: a pool
+worker sends the result from the thread that ran the task, in the very next
+message it pickles there (``Pool``'s ``put((job, i, result))``,
+``concurrent.futures``' and loky's ``_sendback_result``), so the runner marks
+its thread and the hooked ``dump`` pickles that one message in *result mode*.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import multiprocessing
 import os
 import pickle
@@ -55,7 +62,6 @@ class Options:
     mmap_mode: str = "r"
     on_full: str = "fallback"
     share_results: bool = True
-    cloudpickle_results: bool = False
 
     def __post_init__(self) -> None:
         if self.mmap_mode not in MMAP_MODES:
@@ -162,6 +168,10 @@ def _warn_full_once(exc: SharedMemoryFullError) -> None:
 
 def _chain(previous: Callable | None) -> Callable:
     def reducer_override(self, obj):
+        if getattr(self, "sharedexec_result", None) is not None:
+            reduced = _reduce_result(self, obj)
+            if reduced is not NotImplemented:
+                return reduced
         if isinstance(obj, SharedTask):
             self._sharedexec_task = obj  # armed for the rest of this message
             reduced = obj._reduce_for(self)
@@ -179,12 +189,19 @@ def _chain(previous: Callable | None) -> Callable:
 
 def _chain_dump(previous: Callable) -> Callable:
     def dump(self, obj):
+        pending = getattr(_results, "pending", None)
+        if pending is not None:  # the results of the tasks this thread just ran
+            _results.pending = None
+            self.sharedexec_result = pending = (*pending, [])
         try:
             return previous(self, obj)
         except BaseException:
             # The message will never reach a worker, which would have ended
-            # the leases its handles took: end them now.
+            # the leases its handles took: end them now; and a half-pickled
+            # result leaks nothing.
             _registry.REGISTRY.end_leases(self.__dict__.pop("_sharedexec_tokens", []))
+            for name in pending[2] if pending is not None else ():
+                _segment.retire(name)
             raise
 
     dump.__sharedexec__ = True
@@ -192,15 +209,18 @@ def _chain_dump(previous: Callable) -> Callable:
 
 
 _install_lock = threading.Lock()
+_installed = False
 
 
 def install_hooks() -> None:
     """Hook the picklers of multiprocessing and of joblib's loky. Idempotent."""
+    global _installed
     from multiprocessing.reduction import ForkingPickler
 
     from joblib.externals.loky.backend import reduction as loky_reduction
 
     with _install_lock:
+        _installed = True
         for cls in (ForkingPickler, loky_reduction.get_loky_pickler()):
             current = getattr(cls, "reducer_override", None)
             if not getattr(current, "__sharedexec__", False):
@@ -210,6 +230,11 @@ def install_hooks() -> None:
 
 
 # -- the worker side: running a task and sending its result --------------------
+
+
+# What the next message pickled in this thread carries: results of shared
+# tasks, to send through shared memory -- (options, owner pid), or None.
+_results = threading.local()
 
 
 class TaskRunner:
@@ -238,41 +263,16 @@ class TaskRunner:
         with _worker.explain_read_only(self.options.mmap_mode):
             value = self.fn(*args, **kwargs)
         # Results go back through shared memory only to a caller on this
-        # machine (not to a dask/ray client) and in another process.
+        # machine (not to a dask/ray client) and in another process; and only
+        # if a hooked pickler sends them (see the module docstring).
         if self.options.share_results and self.owner_host == _names.HOST and self.owner_pid != os.getpid():
-            return ResultBox(value, self.options, self.owner_pid)
+            if not _installed:
+                install_hooks()
+            _results.pending = (self.options, self.owner_pid)
         return value
 
     def __reduce__(self):
         return TaskRunner, (self.fn, self.options, self.owner_pid, self.owner_host)
-
-
-class ResultBox:
-    """A task's result on its way back: pickling it writes large objects to
-    segments for the caller; the caller unpickles it to the result itself."""
-
-    def __init__(self, value: Any, options: Options, owner_pid: int):
-        self.value = value
-        self.options = options
-        self.owner_pid = owner_pid
-
-    def __reduce__(self):
-        created: list[str] = []
-        pickler_cls = _result_pickler(self.options.cloudpickle_results)
-        stream = io.BytesIO()
-        pickler = pickler_cls(stream)  # each base has its own default protocol
-        pickler.sharedexec_result = (self.options, self.owner_pid, created)
-        try:
-            pickler.dump(self.value)
-        except BaseException:
-            for name in created:  # a half-pickled result leaks nothing
-                _segment.retire(name)
-            raise
-        return _unbox, (stream.getvalue(),)
-
-
-def _unbox(payload: bytes) -> Any:
-    return pickle.loads(payload)
 
 
 def _reduce_result(pickler, obj: Any):
@@ -290,25 +290,3 @@ def _reduce_result(pickler, obj: Any):
         return NotImplemented
     created.append(mapping.name)
     return _cache.claim_result, (mapping.name, mapping.key)
-
-
-@functools.cache
-def _result_pickler(cloudpickle_results: bool) -> type:
-    # The pool's own pickler underneath, so a result is picklable exactly when
-    # the pool could send it (sockets, connections: multiprocessing's extra
-    # reducers; lambdas and local classes: loky's cloudpickle).
-    if cloudpickle_results:
-        from joblib.externals.loky.backend import reduction as loky_reduction
-
-        base = loky_reduction.get_loky_pickler()
-    else:
-        from multiprocessing.reduction import ForkingPickler as base
-    previous = getattr(base, "reducer_override", None)
-
-    def reducer_override(self, obj):
-        reduced = _reduce_result(self, obj)
-        if reduced is NotImplemented and previous is not None:
-            return previous(self, obj)
-        return reduced
-
-    return type("ResultPickler", (base,), {"reducer_override": reducer_override})

@@ -51,7 +51,7 @@ class JoblibBackend(LokyBackend):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._sharing = Options(min_bytes, mmap_mode, on_full, cloudpickle_results=True)
+        self._sharing = Options(min_bytes, mmap_mode, on_full)
         install_hooks()
 
     def submit(self, func: Any, callback: Any = None) -> Any:

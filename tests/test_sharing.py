@@ -123,6 +123,34 @@ def test_large_result_comes_back_writable_and_unlinked(mp_context, no_leaks):
     assert result.iloc[0, 0] == -1.0 and result["x"].iloc[1] == 1.0
 
 
+def test_a_runner_called_outside_a_pool_returns_the_value_itself(mp_context, no_leaks):
+    """The Dask pattern: a shared function's task, unpickled and called in
+    another process, its result used by the next task and pickled plainly."""
+    message = pickle.dumps((tasks.shared_make_frame, (300_000,)))
+    reader, writer = mp_context.Pipe(duplex=False)
+    process = mp_context.Process(target=tasks.run_like_dask, args=(message, writer))
+    process.start()
+    writer.close()  # EOF, not a hang, if the task fails
+    kind, length, frame = pickle.loads(reader.recv_bytes())
+    process.join(60)
+    assert (kind, length, process.exitcode) == ("DataFrame", 300_000, 0)
+    pd.testing.assert_frame_equal(frame, tasks.make_frame(300_000), check_exact=True)
+
+
+def test_a_shared_function_as_a_dask_task_hands_its_value_to_the_next(no_leaks):
+    pytest.importorskip("distributed")
+    import dask
+    from distributed import Client, LocalCluster
+
+    df = big_frame()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            assert dask.delayed(len)(dask.delayed(tasks.shared_make_frame)(300_000)).compute() == 300_000
+            assert client.submit(tasks.shared_len, (df, 2)).result() == len(df) + 2
+            frame = client.submit(tasks.shared_make_frame, 300_000).result()
+    pd.testing.assert_frame_equal(frame, tasks.make_frame(300_000), check_exact=True)
+
+
 def test_worker_cache_drops_retired_segments(no_leaks):
     with sharedexec.ProcessPoolExecutor(1) as ex:
         df = big_frame()
