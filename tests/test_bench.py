@@ -232,3 +232,29 @@ def test_quick_demo(capsys):
         assert "sharedexec ran each task" in text
     else:
         assert code == 1 and "could not run" in text
+
+
+@pytest.mark.parametrize("prog", ["bench", "demo"])
+def test_every_option_says_what_it_does_and_its_default(prog):
+    from sharedexec.bench import cli, demo
+
+    parser = (cli if prog == "bench" else demo).build_parser()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help and "default" in action.help, action.option_strings
+    used = parser.parse_args([]).start_method
+    assert used == cli.default_start_method()
+    start = next(a for a in parser._actions if a.dest == "start_method")
+    assert f"default {used}" in start.help
+
+
+@linux_only
+def test_a_quick_run_says_targets_are_not_judged(capsys):
+    keys = ("stdlib", "sharedexec")
+    skip = ",".join(k for k in BY_KEY if k not in keys)
+    assert main(["--quick", "--skip", skip, "--task", "len", "--string-kind", "arrow", "--tasks", "6"]) == 0
+    text = capsys.readouterr().out
+    assert "MISSED" not in text and "PASS" not in text and " MISS" not in text
+    assert "not judged" in text
+    assert "--quick: targets are not judged on a 10,000-row frame; run without --quick (500,000 rows) to judge them." in text
+    assert f"workers start with: {sharedexec.bench.cli.default_start_method()}" in text

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from sharedexec.bench import report, tasks
 from sharedexec.bench.approaches import SharedexecExecutor, StdlibExecutor
-from sharedexec.bench.cli import context_for, default_start_method
+from sharedexec.bench.cli import add_start_method, context_for
 from sharedexec.bench.frames import describe, frame_nbytes, make_mixed_frame
 from sharedexec.bench.runner import Result, run_approach
 
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", type=int, help=f"tasks run with sharedexec (default {DEFAULTS['tasks']})")
     p.add_argument("--stdlib-tasks", type=int, help=f"tasks run with the stdlib executor (default {DEFAULTS['stdlib_tasks']})")
     p.add_argument("--workers", type=int, default=2, help="pool size (default 2)")
-    p.add_argument("--start-method", default=default_start_method(), help="multiprocessing start method")
-    p.add_argument("--quick", action="store_true", help="a small frame: a smoke run in seconds")
+    add_start_method(p)
+    p.add_argument("--quick", action="store_true", help=f"a {QUICK['rows']:,}-row frame: a smoke run in seconds (default off)")
     return p
 
 

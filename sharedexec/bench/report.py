@@ -195,7 +195,7 @@ class Target:
     string_kind: str
     goal: str
     value: float | None
-    status: str  # PASS | MISS | n/a
+    status: str  # PASS | MISS | n/a | info | not judged (a --quick run)
     why: str = ""
 
 
