@@ -14,13 +14,22 @@ PSS: a page shared by several processes is counted once, not once per process.
 
     python examples/seed_pool.py                      # ~26 MB frame, 30 tasks
     python examples/seed_pool.py --rows 1500000       # ~400 MB frame
+    python examples/seed_pool.py --progress           # then with progress bars, each entry point
 
-Needs psutil (``pip install psutil``, or the ``bench`` extra).
+``--progress`` then runs the same tasks with a tqdm progress bar through each
+of sharedexec's entry points, the way one shows progress with those pools
+anyway: tqdm over ``Pool.imap``, over ``executor.map`` and
+``as_completed``, and over joblib's ``return_as="generator"``. A bar moves
+as results arrive, so it needs an iterator of results, not a list.
+
+Needs psutil (``pip install psutil``, or the ``bench`` extra), and tqdm for
+``--progress``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import multiprocessing
 import os
@@ -115,12 +124,46 @@ def run(task, df: pd.DataFrame, configs: list[dict], workers: int, ctx) -> tuple
     return results, seconds, memory.extra
 
 
+def with_progress(df: pd.DataFrame, configs: list[dict], workers: int, ctx) -> dict[str, list]:
+    """The same tasks, with a progress bar, through each entry point."""
+    import joblib
+    from tqdm import tqdm
+
+    args = [(df, config) for config in configs]
+    n = len(configs)
+    results = {}
+    # @sharedexec.shared and an unchanged Pool: imap yields results in order as
+    # they come (imap_unordered: as they finish); map_async has nothing to count.
+    with ctx.Pool(workers) as pool:
+        results["Pool.imap"] = list(tqdm(pool.imap(func_shared, args), total=n, desc="Pool.imap"))
+    # The executor: map yields in order; as_completed yields futures as they finish.
+    with sharedexec.ProcessPoolExecutor(workers, mp_context=ctx) as executor:
+        results["executor.map"] = list(tqdm(executor.map(analyse, [df] * n, configs), total=n, desc="executor.map"))
+        futures = {executor.submit(analyse, df, config): i for i, config in enumerate(configs)}
+        done = [None] * n
+        for future in tqdm(concurrent.futures.as_completed(futures), total=n, desc="as_completed"):
+            done[futures[future]] = future.result()
+        results["as_completed"] = done
+    # joblib: return_as="generator" yields results as they arrive, in order
+    # ("generator_unordered": as they finish).
+    with joblib.parallel_config(backend="sharedexec", n_jobs=workers):
+        generator = joblib.Parallel(return_as="generator")(joblib.delayed(analyse)(df, config) for config in configs)
+        results["joblib generator"] = list(tqdm(generator, total=n, desc="joblib generator"))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=100_000, help="rows of the frame (default 100,000: ~26 MB)")
     parser.add_argument("--configs", type=int, default=30, help="tasks, one per config (default 30)")
     parser.add_argument("--workers", type=int, default=15, help="pool size (default 15, as in the question)")
-    parser.add_argument("--start-method", choices=multiprocessing.get_all_start_methods(), default=None)
+    parser.add_argument(
+        "--start-method",
+        choices=multiprocessing.get_all_start_methods(),
+        default=None,
+        help="how workers start (default: the platform's, fork on Linux before Python 3.14)",
+    )
+    parser.add_argument("--progress", action="store_true", help="then run the tasks again with progress bars (needs tqdm)")
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context(args.start_method)
@@ -140,6 +183,11 @@ def main() -> None:
     stats = sharedexec.stats()
     print(f"sharedexec copied the frame into shared memory {stats['publications']} time(s); "
           f"the other {stats['reuse_hits']} tasks reused that copy")
+    if args.progress:
+        print()
+        for way, results in with_progress(df, configs, min(args.workers, 4), ctx).items():
+            print(f"with a progress bar, {way}: same results: {results == plain}")
+        print(f"the frame is still in shared memory once: {sharedexec.stats()['publications']} publication(s) in all")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,15 +46,25 @@ def assert_clean_stderr(proc: subprocess.CompletedProcess) -> None:
     assert proc.stderr == "", f"unexpected stderr:\n{proc.stderr}"
 
 
-def test_seed_pool():
-    proc = run_example("seed_pool.py", "--rows", "20000", "--configs", "6", "--workers", "3")
-    assert_clean_stderr(proc)
+PROGRESS_BAR = re.compile(r"(Pool\.imap|executor\.map|as_completed|joblib generator): +\d+%\|")
+
+
+def test_seed_pool_with_progress_bars():
+    proc = run_example("seed_pool.py", "--rows", "20000", "--configs", "6", "--workers", "3", "--progress")
+    # stderr: tqdm's bars and nothing else (no warning, no traceback)
+    fragments = [f for f in re.split(r"[\r\n]+", proc.stderr) if f.strip()]
+    assert fragments and all(PROGRESS_BAR.match(f) for f in fragments), proc.stderr
+    for way in ("Pool.imap", "executor.map", "as_completed", "joblib generator"):
+        assert any(f.startswith(f"{way}: 100%|") for f in fragments), way
     out = lines(proc)
     assert out[0].startswith("frame: 20,000 rows x 32 columns")
     assert any(line.startswith("plain Pool ") for line in out)
     assert any(line.startswith("@sharedexec.shared ") and line.endswith(" MB") for line in out)
     assert "same results: True" in out
     assert "sharedexec copied the frame into shared memory 1 time(s); the other 5 tasks reused that copy" in out
+    for way in ("Pool.imap", "executor.map", "as_completed", "joblib generator"):
+        assert f"with a progress bar, {way}: same results: True" in out
+    assert "the frame is still in shared memory once: 1 publication(s) in all" in out
 
 
 def test_parameter_sweep():
