@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import _codec, _leases, _names, _publication, _segment
@@ -210,7 +210,7 @@ class Handle:
     lease: int  # slot << 8 | mark on the board (see _leases); negative: none
     publisher: int
     host: str
-    key: bytes
+    key: bytes = field(repr=False)  # never shown: whoever holds it could forge our segments
 
     def __reduce__(self):
         return _resolve, (self.name, self.mmap_mode, self.board, self.lease, self.publisher, self.host, self.key)
@@ -293,8 +293,10 @@ def remove_orphan_results(owner_pid: int) -> list[str]:
     workers when a task fails). Call only when no result of a dead worker
     can still be on its way: after an executor's shutdown, a batch's abort."""
     removed = []
-    for name, owner, _ in _names.list_segments():
-        creator = _segment.creator_of(name) if owner == owner_pid else None
+    # Only our own files are opened: another user's files named for our pid
+    # cost an lstat each, not an open (a DoS amplifier otherwise).
+    for name, _, _ in _names.iter_segments(mine_only=True, owner=owner_pid):
+        creator = _segment.creator_of(name)
         if creator is not None and creator != owner_pid and not _names.pid_alive(creator):
             _segment.retire(name)
             removed.append(name)

@@ -24,9 +24,13 @@ import re
 import secrets
 import socket
 import stat
+from collections.abc import Iterator
 
 NAME_PREFIX = "sx_"
-NAME_RE = re.compile(r"^sx_(\d+)_[0-9a-f]{16}$")
+# ASCII digits only (\d also takes other scripts' digits), no leading zero, no
+# trailing newline (use fullmatch), and at most 10 digits: a pid is a pid_t.
+NAME_RE = re.compile(r"sx_([1-9][0-9]{0,9})_[0-9a-f]{16}", re.ASCII)
+MAX_PID = 2**31 - 1
 DEFAULT_DIR = "/dev/shm"
 DIR_ENV = "SHAREDEXEC_DIR"
 HOST = socket.gethostname()
@@ -44,9 +48,11 @@ def new_name(owner_pid: int) -> str:
 
 
 def owner_of(name: str) -> int | None:
-    """The pid encoded in a sharedexec segment name, or None for other names."""
-    match = NAME_RE.match(name)
-    return int(match.group(1)) if match else None
+    """The pid encoded in a sharedexec segment name, or None for other names
+    (including ones whose "pid" no pid_t can hold)."""
+    match = NAME_RE.fullmatch(name)
+    pid = int(match.group(1)) if match else None
+    return pid if pid is not None and pid <= MAX_PID else None
 
 
 def is_mine(st: os.stat_result) -> bool:
@@ -55,28 +61,36 @@ def is_mine(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
-def list_segments(directory: str | None = None, mine_only: bool = False) -> list[tuple[str, int, int]]:
+def iter_segments(
+    directory: str | None = None, mine_only: bool = False, owner: int | None = None
+) -> Iterator[tuple[str, int, int]]:
     """``(name, owner pid, size)`` of every entry named like a sharedexec
-    segment in ``directory`` (only :func:`is_mine` ones if ``mine_only``).
-    Symlinks are never followed."""
+    segment in ``directory`` (only :func:`is_mine` ones if ``mine_only``; only
+    those named for ``owner`` if given), read lazily. Symlinks are never
+    followed, and nothing is opened: a sweep pays one ``lstat`` per entry
+    named for its pid, however many files other users put there."""
     directory = directory or shm_dir()
-    found = []
     try:
-        entries = list(os.scandir(directory))
+        entries = os.scandir(directory)
     except OSError as exc:
         log.debug("cannot list %s: %s", directory, exc)
-        return found
-    for entry in entries:
-        owner = owner_of(entry.name)
-        if owner is None:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not mine_only or is_mine(st):
-            found.append((entry.name, owner, st.st_size))
-    return found
+        return
+    with entries:
+        for entry in entries:
+            pid = owner_of(entry.name)
+            if pid is None or (owner is not None and pid != owner):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not mine_only or is_mine(st):
+                yield entry.name, pid, st.st_size
+
+
+def list_segments(directory: str | None = None, mine_only: bool = False) -> list[tuple[str, int, int]]:
+    """:func:`iter_segments` as a list."""
+    return list(iter_segments(directory, mine_only))
 
 
 def remove_owned_by(pid: int, directory: str | None = None) -> list[str]:
@@ -84,9 +98,7 @@ def remove_owned_by(pid: int, directory: str | None = None) -> list[str]:
     names. Never raises for one entry: see the module docstring."""
     directory = directory or shm_dir()
     removed = []
-    for name, owner, _ in list_segments(directory, mine_only=True):
-        if owner != pid:
-            continue
+    for name, _, _ in iter_segments(directory, mine_only=True, owner=pid):
         try:
             os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
@@ -99,9 +111,13 @@ def remove_owned_by(pid: int, directory: str | None = None) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists. A number no pid_t can hold (from a
+    name or a header anyone may write) is not a pid: False, never raised."""
+    if pid <= 0:  # kill(0 or -n, 0) would ask about process groups
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True

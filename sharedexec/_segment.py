@@ -81,11 +81,11 @@ import struct
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._names import DIR_ENV, NAME_RE, is_mine, new_name, shm_dir, unlink_path
+from ._names import DIR_ENV, is_mine, new_name, owner_of, shm_dir, unlink_path
 from ._errors import (
     SegmentCorruptError,
     SegmentNotFoundError,
@@ -176,6 +176,17 @@ def free_bytes(directory: str | None = None) -> tuple[int, int]:
 
 
 def _full_error(nbytes: int, directory: str) -> SharedMemoryFullError:
+    st = os.statvfs(directory)
+    if st.f_files and not st.f_favail:
+        # Empty files are enough to fill a tmpfs' inodes, and any user may
+        # create them in /dev/shm: free bytes do not tell.
+        return SharedMemoryFullError(
+            errno.ENOSPC,
+            f"cannot create a {format_bytes(nbytes)} shared-memory segment: {directory} has no free "
+            f"inodes (all {st.f_files} files it can hold exist, though {format_bytes(st.f_bavail * st.f_frsize)} "
+            f"are free). Remove the files filling it (as their owner, or ask root), or set {DIR_ENV} to a "
+            "directory of yours on another file system.",
+        )
     free, total = free_bytes(directory)
     hint = " (Docker's default)" if total <= 64 << 20 else ""
     return SharedMemoryFullError(
@@ -202,7 +213,7 @@ class Mapping:
     view: memoryview
     layout_offset: int = 0
     layout_size: int = 0
-    key: bytes = b""  # the key its tag verified with: for the segments its table names
+    key: bytes = field(default=b"", repr=False)  # the key its tag verified with: for the segments its table names
 
     def state(self) -> int:
         return struct.unpack_from("<I", self.view, STATE_OFFSET)[0]
@@ -212,7 +223,7 @@ class Mapping:
 
 
 def _path(name: str, directory: str | None = None) -> str:
-    if not NAME_RE.match(name):
+    if owner_of(name) is None:
         raise SegmentCorruptError(f"{name!r} is not a sharedexec segment name")
     return os.path.join(directory or shm_dir(), name)
 
@@ -248,16 +259,23 @@ def create(
             f"cannot create shared memory in {directory!r}: no such directory. "
             f"Set {DIR_ENV} to an existing directory (a tmpfs is fastest).",
         )
+    _check_dir(directory)
     free, _ = free_bytes(directory)
     if size > free:
         raise _full_error(size, directory)
     name = new_name(owner_pid)
     path = os.path.join(directory, name)
     key = process_key()
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise _full_error(size, directory) if exc.errno in _FULL else exc from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask: attach requires exactly 0600
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise _full_error(size, directory) if exc.errno in _FULL else exc from None
         view = memoryview(mmap.mmap(fd, size))
         # The header first: whoever finds the segment half-filled (its
         # creator killed meanwhile) can tell who made it, see creator_of().
@@ -274,6 +292,31 @@ def create(
     finally:
         os.close(fd)
     return Mapping(name, size, view, layout_offset, len(layout), key)
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_checked_dirs: set[str] = set()
+
+
+def _check_dir(directory: str) -> None:
+    """Refuse a directory where another user could rename or remove our
+    segments (hiding them from every clean-up): it must be owned by us or
+    root and writable by nobody else, or sticky (then only a file's owner,
+    the directory's owner and root may rename it -- like /dev/shm). Checked
+    once per directory and process."""
+    if directory in _checked_dirs:
+        return
+    st = os.stat(directory)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (os.geteuid(), 0) or (mode & 0o022 and not mode & stat.S_ISVTX):
+        raise SharedMemoryError(
+            errno.EPERM,
+            f"refusing to create shared memory in {directory}: it is owned by {describe_uid(st.st_uid)} "
+            f"with mode {mode:04o}, so {'its owner' if st.st_uid not in (os.geteuid(), 0) else 'other users'} "
+            f"could rename or remove this process's segments. Point {DIR_ENV} at a directory of yours "
+            f"(e.g. mkdir -m 700 /dev/shm/$USER) or at one like /dev/shm (root's, mode 1777).",
+        )
+    _checked_dirs.add(directory)
 
 
 def describe_uid(uid: int) -> str:
@@ -293,42 +336,59 @@ def file_kind(mode: int) -> str:
     return "a device or special file"
 
 
-def _not_ours(path: str, st: os.stat_result | None, expected_mode: bool = True) -> SegmentNotOursError:
+def _not_ours(path: str, st: os.stat_result | None) -> SegmentNotOursError:
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            pass
     found = (
         "something this process may not open"
         if st is None
         else f"{file_kind(st.st_mode)} owned by {describe_uid(st.st_uid)} with mode {stat.S_IMODE(st.st_mode):04o}"
     )
-    mode = " with mode 0600" if expected_mode else ""
     return SegmentNotOursError(
         errno.EPERM,
         f"refusing {path}: it is {found}, not a sharedexec segment of this user (a regular file owned by "
-        f"{describe_uid(os.geteuid())}{mode}). It is never read. The segment of this name is gone, "
+        f"{describe_uid(os.geteuid())} with mode 0600). It is never read. The segment of this name is gone, "
         "and another user or program created a file under its name; remove that file as its owner.",
         path,
     )
 
 
+class _NotOurs(SegmentNotOursError):
+    """What :func:`_open_own` raises for a file that is not ours: cheap (no
+    user name looked up, no lstat), since sweeps may meet thousands of them;
+    ``attach`` turns it into the descriptive message it shows."""
+
+    def __init__(self, path: str, st: os.stat_result | None):
+        super().__init__(errno.EPERM, "not a sharedexec segment of this user", path)
+        self.st = st
+
+
+# ELOOP: a symlink; EACCES/EPERM: another user's file; ENXIO: a FIFO opened
+# for writing with no reader; EISDIR: a directory opened for writing;
+# EWOULDBLOCK: a lease on it. Anything else (EMFILE, ENFILE, EINTR) says
+# nothing about the file and is raised as itself.
+_NOT_OURS_ERRNOS = frozenset((errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK))
+
+
 def _open_own(path: str, flags: int, strict: bool = True) -> tuple[int, os.stat_result]:
     """Open ``path`` without following a symlink or blocking on a FIFO, and
     check the descriptor: a regular file of our effective uid (and mode 0600
-    if ``strict``). SegmentNotFoundError if absent, SegmentNotOursError else."""
+    if ``strict``). SegmentNotFoundError if absent, _NotOurs if not ours."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise SegmentNotFoundError(errno.ENOENT, f"shared-memory segment {path} does not exist", path) from None
     except OSError as exc:
-        # ELOOP: a symlink; EACCES/EPERM: another user's file; ENXIO: a FIFO
-        # opened for writing with no reader.
-        try:
-            st = os.lstat(path)
-        except OSError:
-            st = None
-        raise _not_ours(path, st, strict) from exc
+        if exc.errno in _NOT_OURS_ERRNOS:
+            raise _NotOurs(path, None) from None
+        raise
     st = os.fstat(fd)
     if not is_mine(st) or (strict and stat.S_IMODE(st.st_mode) != 0o600):
         os.close(fd)
-        raise _not_ours(path, st, strict)
+        raise _NotOurs(path, st)
     return fd, st
 
 
@@ -397,6 +457,8 @@ def in_use(name: str, directory: str | None = None) -> bool:
         fd, _ = _open_own(_path(name, directory), os.O_RDONLY)
     except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
         return False
+    except OSError:  # cannot tell (out of descriptors, say): keep it, the safe mistake
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
@@ -424,7 +486,10 @@ def attach(
     holds the segment's shared flock while it lives."""
     path = _path(name, directory)
     key = process_key() if key is None else key
-    fd, st = _open_own(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        fd, st = _open_own(path, os.O_RDWR if writable else os.O_RDONLY)
+    except _NotOurs as exc:
+        raise _not_ours(path, exc.st) from None
     held, kept = None, False
     try:
         size = st.st_size
@@ -492,9 +557,19 @@ def retire(name: str, directory: str | None = None) -> bool:
     except SegmentNotOursError as exc:
         log.debug("not retiring %s: %s", path, exc.strerror)
         return False
+    except FileNotFoundError:
+        return False
     except OSError as exc:
-        if not isinstance(exc, FileNotFoundError):
-            log.debug("cannot retire %s: %s", path, exc)
+        # Out of descriptors (EMFILE, ENFILE) or interrupted: it may well be
+        # ours, so unlink it if it is, unmarked (attached workers then keep it
+        # mapped until their cache evicts it) -- never leave it behind.
+        log.debug("cannot open %s to retire it: %s", path, exc)
+        try:
+            if is_mine(os.lstat(path)):
+                os.unlink(path)
+                return True
+        except OSError as again:
+            log.debug("cannot retire %s: %s", path, again)
         return False
     try:
         os.pwrite(fd, struct.pack("<I", STATE_RETIRED), STATE_OFFSET)

@@ -40,6 +40,7 @@ for bad arguments. Other users' files never make ``cleanup`` fail.
 from __future__ import annotations
 
 import argparse
+import functools
 import mmap
 import multiprocessing
 import os
@@ -51,6 +52,10 @@ from dataclasses import dataclass, field
 
 from . import _names
 from ._segment import MAGIC, describe_uid, file_kind, format_bytes
+
+# One user-database lookup per uid, not per candidate: a directory may hold
+# thousands of another user's files.
+_describe_uid = functools.lru_cache(maxsize=None)(describe_uid)
 
 #: Below this much free space, doctor warns: a typical DataFrame job wants more.
 LOW_SPACE_BYTES = 1 << 30
@@ -112,7 +117,7 @@ def _classify(path: str, all_users: bool) -> tuple[os.stat_result | None, str | 
         st = os.lstat(path)
     except OSError:
         return None, "gone"
-    what = f"{file_kind(st.st_mode)} of {describe_uid(st.st_uid)}"
+    what = f"{file_kind(st.st_mode)} of {_describe_uid(st.st_uid)}"
     if not stat.S_ISREG(st.st_mode):
         return st, f"not a segment: {what}"
     if st.st_uid != os.geteuid() and not all_users:

@@ -81,8 +81,8 @@ def test_foreign_names_are_refused():
 
 
 def test_full_directory_is_a_clear_error(monkeypatch, tmp_path):
-    statvfs = namedtuple("statvfs", "f_bavail f_frsize f_blocks")
-    monkeypatch.setattr(os, "statvfs", lambda _: statvfs(1000, 4096, 16384))  # 4 MB free of 64 MB
+    statvfs = namedtuple("statvfs", "f_bavail f_frsize f_blocks f_files f_favail")
+    monkeypatch.setattr(os, "statvfs", lambda _: statvfs(1000, 4096, 16384, 1000, 900))  # 4 MB free of 64 MB
     with pytest.raises(SharedMemoryFullError) as info:
         _segment.create([memoryview(bytes(100 << 20))], b"", os.getpid(), directory=str(tmp_path))
     message = str(info.value)

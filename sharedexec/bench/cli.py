@@ -211,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: list[Result] = []
     frames: dict[str, str] = {}
+    # One barrier directory for the run, named in the environment before the first
+    # pool (or forkserver) starts: see tasks.barrier_directory.
+    barriers = contextlib.ExitStack()
+    barriers.enter_context(tasks.barrier_directory())
     try:
         for kind in kinds:
             results += [r for a in APPROACHES if a.key in args.skip for r in _skipped(a, kind, args)]
@@ -231,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                 del frame
     finally:
+        barriers.close()
         progress.close()
 
     env = report.environment(args.start_method, " ".join([parser.prog, *argv]))

@@ -79,35 +79,57 @@ def task_hold(df: pd.DataFrame, i: int) -> int:
 
 # The barrier is a directory, not a multiprocessing object: a task cannot receive
 # one through its arguments under spawn/forkserver, Ray or loky, and must not need
-# anything but (df, i). Its path is fixed, so every kind of worker finds it.
-BARRIER_DIR = os.path.join(tempfile.gettempdir(), "sharedexec-bench-barrier")
+# anything but (df, i). Workers find it through $SHAREDEXEC_BENCH_BARRIER: a fresh
+# private directory (mkdtemp), never a fixed name in the shared temp directory,
+# which any other user could take first and so stop the benchmark.
+BARRIER_ENV = "SHAREDEXEC_BENCH_BARRIER"
 BARRIER_TIMEOUT = 60.0
+
+
+@contextlib.contextmanager
+def barrier_directory() -> Iterator[str]:
+    """Make the directory of the barriers of one run and name it in the
+    environment. Open it before the first pool starts: a forkserver (or
+    Ray's raylet) passes on the environment it started with, not today's."""
+    if os.environ.get(BARRIER_ENV):
+        yield os.environ[BARRIER_ENV]
+        return
+    os.environ[BARRIER_ENV] = path = tempfile.mkdtemp(prefix="sharedexec-bench-barrier-")
+    try:
+        yield path
+    finally:
+        del os.environ[BARRIER_ENV]
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def barrier(parties: int) -> Iterator[None]:
     """Open the barrier of :func:`task_hold` for ``parties`` tasks, in the parent."""
-    shutil.rmtree(BARRIER_DIR, ignore_errors=True)
-    os.makedirs(BARRIER_DIR)
-    with open(os.path.join(BARRIER_DIR, "parties"), "w") as f:
-        f.write(f"{parties} {os.getpid()}")
-    try:
-        yield
-    finally:
-        shutil.rmtree(BARRIER_DIR, ignore_errors=True)
+    with barrier_directory() as path:
+        for name in os.listdir(path):  # arrivals at an earlier barrier of the run
+            os.unlink(os.path.join(path, name))
+        with open(os.path.join(path, "parties"), "w") as f:
+            f.write(f"{parties} {os.getpid()}")
+        try:
+            yield
+        finally:
+            os.unlink(os.path.join(path, "parties"))
 
 
 def _arrive(i: int) -> None:
+    path = os.environ.get(BARRIER_ENV)
+    if not path:  # no barrier open: nothing to wait for
+        return
     try:
-        with open(os.path.join(BARRIER_DIR, "parties")) as f:
+        with open(os.path.join(path, "parties")) as f:
             parties, opener = map(int, f.read().split())
-    except FileNotFoundError:  # no barrier open: nothing to wait for
+    except (FileNotFoundError, NotADirectoryError):  # no barrier open: nothing to wait for
         return
     if os.getpid() == opener:  # the parent computing the expected result
         return
-    open(os.path.join(BARRIER_DIR, f"arrived-{i}"), "w").close()
+    open(os.path.join(path, f"arrived-{i}"), "w").close()
     deadline = time.monotonic() + BARRIER_TIMEOUT
-    while len(os.listdir(BARRIER_DIR)) - 1 < parties and time.monotonic() < deadline:
+    while len(os.listdir(path)) - 1 < parties and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
