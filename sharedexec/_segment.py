@@ -58,10 +58,16 @@ if it is provably ours:
   attaches a segment once), over the layout only -- the buffers are plain
   numbers, never unpickled -- so it costs microseconds, not a pass over data.
 * ``retire``, ``creator_of`` and every sweep (:mod:`sharedexec._names`) touch
-  only regular files of our uid, and never stop at one bad entry.
+  only regular files of our uid, and never stop at one bad entry; a sweep
+  pays one ``lstat`` for another user's file (never an open, never a user-name
+  lookup), so thousands of them cannot make a shutdown slow.
+* ``create`` refuses a directory in which another user could rename our
+  segments (see ``_check_dir``), and reports ENOSPC/EDQUOT -- no inode left
+  counts -- as :class:`SharedMemoryFullError`, which the caller falls back on.
 
 Not protected: processes of the same user (they can read our memory and our
-pipes anyway), root, and a ``SHAREDEXEC_DIR`` that other users can replace.
+pipes anyway), root, and a parent of ``SHAREDEXEC_DIR`` that other users can
+rename.
 Buffers are not authenticated: only our uid can write them.
 """
 

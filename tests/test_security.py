@@ -13,6 +13,7 @@ skip with the reason where they cannot run.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ import site
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -430,3 +432,260 @@ def test_cleanup_lists_other_users_files_as_not_yours(tmp_path, capsys):
     assert cli.main_cleanup(["--dir", str(tmp_path), "--yes"]) == 0
     assert "not a segment: a symbolic link" in capsys.readouterr().out
     assert len(os.listdir(tmp_path)) == 1
+
+
+# -- the security review of issue 14 (branch attack-14) --------------------------------
+
+
+def _foreign(path: str) -> None:
+    """Make ``path`` another user's (root only: chown)."""
+    os.lchown(path, ATTACKER, ATTACKER)
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make files of another uid (chown)")
+
+
+def test_sweeps_never_open_or_describe_other_users_files(tmp_path, monkeypatch):
+    """Thousands of files of another user named ``sx_<our pid>_...`` cost a
+    sweep one lstat each: never an open, never a user-name lookup (the
+    shutdown of a victim took 28 s with 60 000 of them)."""
+    _needs_root()
+    import pwd
+
+    directory, pid = str(tmp_path), os.getpid()
+    for i in range(300):
+        path = os.path.join(directory, f"sx_{pid}_{i:016x}")
+        open(path, "w").close()
+        _foreign(path)
+    ours = _segment.create([], b"", pid, directory=directory).name
+    opened, looked_up = [], []
+    real_open, real_getpwuid = os.open, pwd.getpwuid
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: looked_up.append(uid) or real_getpwuid(uid))
+    monkeypatch.setenv(_names.DIR_ENV, directory)
+    from sharedexec import _cache
+
+    assert _cache.remove_orphan_results(pid) == []  # ours was created by us: not an orphan
+    assert opened == [os.path.join(directory, ours)]
+    assert _names.remove_owned_by(pid, directory) == [ours]
+    assert _segment.retire(f"sx_{pid}_{0:016x}", directory) is False
+    assert looked_up == [] and len(os.listdir(directory)) == 300
+    assert not isinstance(_names.iter_segments(directory), list)  # read lazily
+
+
+def test_cleanup_looks_up_each_user_name_once(tmp_path, monkeypatch):
+    _needs_root()
+    import pwd
+
+    for i in range(50):
+        path = tmp_path / f"sx_{_dead_pid() if i == 0 else 4_000_000 + i}_{i:016x}"
+        path.write_bytes(_segment.MAGIC + bytes(56))
+        _foreign(str(path))
+    looked_up = []
+    real_getpwuid = pwd.getpwuid
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: looked_up.append(uid) or real_getpwuid(uid))
+    cli._describe_uid.cache_clear()
+    assert len(cli.find_leftovers(str(tmp_path)).not_yours) == 50
+    assert looked_up == [ATTACKER]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sx_99999999999_" + "a" * 16,  # no pid_t holds it (OverflowError in os.kill)
+        "sx_2147483648_" + "a" * 16,
+        "sx_\u0663\u0664_" + "a" * 16,  # Arabic-Indic digits: \d took them
+        "sx_123_" + "a" * 16 + "\n",  # $ took a trailing newline
+        "sx_0123_" + "a" * 16,
+        "sx_0_" + "a" * 16,
+    ],
+)
+def test_only_ascii_pid_t_names_are_segment_names(name):
+    assert _names.owner_of(name) is None
+    with pytest.raises(SegmentCorruptError, match="is not a sharedexec segment name"):
+        _segment.attach(name)
+
+
+def test_pid_alive_never_raises_for_numbers_that_are_no_pid():
+    assert _names.owner_of(f"sx_{2**31 - 1}_{'a' * 16}") == 2**31 - 1
+    for number in (2**31, 2**32 - 1, 2**40, 0, -1):
+        assert _names.pid_alive(number) is False
+    assert _names.pid_alive(os.getpid()) is True
+
+
+def test_cleanup_all_users_goes_past_a_name_with_a_huge_pid(tmp_path, capsys):
+    """Root's ``cleanup --yes --all-users`` died of OverflowError on one
+    file named ``sx_99999999999_...``; now the name is not a segment's, and
+    the dead segment next to it is removed."""
+    _needs_root()
+    huge = tmp_path / f"sx_99999999999_{'a' * 16}"
+    dead = tmp_path / f"sx_{_dead_pid()}_{'1' * 16}"
+    for path in (huge, dead):
+        path.write_bytes(_segment.MAGIC + bytes(56))
+        _foreign(str(path))
+    assert cli.main_cleanup(["--dir", str(tmp_path), "--yes", "--all-users"]) == 0
+    assert os.listdir(tmp_path) == [huge.name]
+
+
+def test_an_orphan_result_with_a_huge_creator_pid_is_removed(tmp_path, monkeypatch):
+    """The creator pid comes from a header (unsigned 32 bits): no pid, gone."""
+    monkeypatch.setenv(_names.DIR_ENV, str(tmp_path))
+    mapping = _segment.create([], b"", os.getpid(), directory=str(tmp_path))
+    with open(tmp_path / mapping.name, "r+b") as f:
+        f.seek(40)  # the creator pid
+        f.write((2**32 - 1).to_bytes(4, "little"))
+    from sharedexec import _cache
+
+    assert _cache.remove_orphan_results(os.getpid()) == [mapping.name]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EDQUOT], ids=errno.errorcode.get)
+@pytest.mark.parametrize("call", ["open", "ftruncate"])
+def test_no_inode_left_is_shared_memory_full(tmp_path, monkeypatch, err, call):
+    """ENOSPC or EDQUOT creating the file (no inode left: another user's empty
+    files) is SharedMemoryFullError, which on_full="fallback" falls back on,
+    saying that inodes ran out; nothing is left behind."""
+    from collections import namedtuple
+
+    from sharedexec._errors import SharedMemoryFullError
+
+    real = getattr(os, call)
+
+    def full(*args, **kwargs):
+        if call == "open" and not str(args[0]).startswith(str(tmp_path)):
+            return real(*args, **kwargs)
+        raise OSError(err, os.strerror(err))
+
+    statvfs = namedtuple("statvfs", "f_bavail f_frsize f_blocks f_files f_favail")
+    monkeypatch.setattr(os, "statvfs", lambda _: statvfs(16384, 4096, 16384, 32, 0))
+    monkeypatch.setattr(os, call, full)
+    with pytest.raises(SharedMemoryFullError) as info:
+        _segment.create([memoryview(bytes(100))], b"", os.getpid(), directory=str(tmp_path))
+    monkeypatch.undo()
+    assert "no free inodes" in str(info.value) and "all 32 files" in str(info.value)
+    assert "SHAREDEXEC_DIR" in str(info.value) and os.listdir(tmp_path) == []
+
+
+def test_a_tmpfs_out_of_inodes_falls_back_to_pickling(tmp_path):
+    """The reproduction: a tmpfs whose inodes are all taken by empty files
+    (its bytes free); a pool task with a shared argument still gets it."""
+    code = (
+        "import os, warnings, numpy as np, sharedexec\n"
+        "d = os.environ['SHAREDEXEC_DIR']\n"
+        "i = 0\n"
+        "while True:\n"
+        "    try: open(os.path.join(d, f'junk{i}'), 'x').close()\n"
+        "    except OSError: break\n"
+        "    i += 1\n"
+        "arr = np.arange(1 << 19)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    with sharedexec.ProcessPoolExecutor(1) as ex:\n"
+        "        assert ex.submit(np.sum, arr).result() == arr.sum()\n"
+        "print([str(x.message) for x in w])\n"
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = scripts.run_in_private_tmpfs(mnt, "64m,nr_inodes=16", [sys.executable, "-c", code], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "no free inodes" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757], ids=oct)
+def test_a_directory_others_may_rename_in_is_refused(tmp_path, mode):
+    """Without the sticky bit, whoever may write a directory may rename our
+    segments out of every clean-up's sight."""
+    directory = tmp_path / f"open-{mode:o}"
+    directory.mkdir()
+    directory.chmod(mode)
+    with pytest.raises(sharedexec.SharedExecError, match="could rename or remove") as info:
+        _segment.create([], b"", os.getpid(), directory=str(directory))
+    assert "SHAREDEXEC_DIR" in str(info.value) and f"{mode:04o}" in str(info.value)
+    assert os.listdir(directory) == []
+
+
+def test_a_directory_of_another_user_is_refused_even_sticky(tmp_path):
+    """The attack: another user pre-creates the SHAREDEXEC_DIR (1777, theirs);
+    as its owner they may rename anything in it."""
+    _needs_root()
+    directory = tmp_path / "theirs"
+    directory.mkdir()
+    directory.chmod(0o1777)
+    os.chown(directory, ATTACKER, ATTACKER)
+    with pytest.raises(sharedexec.SharedExecError, match=f"owned by uid {ATTACKER}.*its owner could rename"):
+        _segment.create([], b"", os.getpid(), directory=str(directory))
+    assert os.listdir(directory) == []
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o755, 0o1777, 0o1770], ids=oct)
+def test_a_directory_of_ours_or_a_sticky_one_is_used(tmp_path, mode):
+    directory = tmp_path / f"ok-{mode:o}"
+    directory.mkdir()
+    directory.chmod(mode)
+    mapping = _segment.create([], b"", os.getpid(), directory=str(directory))
+    assert _segment.retire(mapping.name, str(directory))
+
+
+def test_a_precreated_shared_memory_directory_hides_nothing(two_uids):
+    """The reproduction, two uids: B makes the victim's SHAREDEXEC_DIR
+    first (theirs, 1777). The victim's share() refuses it with a clear
+    error, so B has no segment of the victim to hide."""
+    _, state, _, _ = two_uids
+    exe, path = _python_for_others()
+    theirs = os.path.join(state, "sx-victim")
+    os.mkdir(theirs)
+    os.chown(theirs, ATTACKER, ATTACKER)
+    os.chmod(theirs, 0o1777)
+    result = subprocess.run(
+        [exe, "-c", "import numpy as np, sharedexec\nsharedexec.share(np.arange(1 << 20))"],
+        preexec_fn=_as(VICTIM), env=_env(path, theirs, state), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0 and "could rename or remove" in result.stderr, result.stderr
+    assert f"uid {ATTACKER}" in result.stderr and "SHAREDEXEC_DIR" in result.stderr
+    assert os.listdir(theirs) == []
+
+
+def test_the_bench_barrier_is_private_and_cannot_be_taken(tmp_path, monkeypatch):
+    """Another user's ``<tmp>/sharedexec-bench-barrier`` stopped the
+    benchmark (FileExistsError): the barrier is a fresh mkdtemp directory,
+    named to workers in the environment, and gone afterwards."""
+    from sharedexec.bench import tasks
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(tasks.BARRIER_ENV, raising=False)
+    (tmp_path / "sharedexec-bench-barrier").mkdir()
+    with tasks.barrier(1):
+        path = os.environ[tasks.BARRIER_ENV]
+        assert os.path.dirname(path) == str(tmp_path) and stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        assert open(os.path.join(path, "parties")).read() == f"1 {os.getpid()}"
+    assert tasks.BARRIER_ENV not in os.environ and not os.path.exists(path)
+
+
+def test_keys_are_never_shown(evil):
+    from sharedexec import _cache
+
+    handle = _cache.Handle(evil.name, "r", "", -1, os.getpid(), _names.HOST, evil.key)
+    for text in (repr(evil), repr(handle), str(evil), str(handle)):
+        assert evil.key.hex() not in text and repr(evil.key) not in text
+
+
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENFILE, errno.EINTR], ids=errno.errorcode.get)
+def test_running_out_of_descriptors_is_not_not_ours(evil, monkeypatch, err):
+    """EMFILE and the like say nothing about the file: attach raises them as
+    themselves, and retire still removes our segment."""
+    real = os.open
+
+    def failing(path, *args, **kwargs):
+        if os.path.basename(str(path)) == evil.name:
+            raise OSError(err, os.strerror(err))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing)
+    with pytest.raises(OSError) as info:
+        _segment.attach(evil.name)
+    assert info.value.errno == err and not isinstance(info.value, sharedexec.SharedExecError)
+    assert _segment.retire(evil.name) is True
+    assert not os.path.exists(_seg_path(evil.name))
