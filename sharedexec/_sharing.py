@@ -278,7 +278,7 @@ class TaskRunner:
 def _reduce_result(pickler, obj: Any):
     options, owner_pid, created = pickler.sharedexec_result
     if not _codec.is_shareable(obj) or _codec.nbytes(obj) < options.min_bytes:
-        return NotImplemented
+        return _codec.reduce_writable(obj)
     try:
         mapping = _cache.write_result(obj, owner_pid, _pickles_functions(pickler))
     except _codec.UnencodableError:

@@ -160,3 +160,16 @@ def run_like_dask(message: bytes, conn) -> None:
     runner, args = pickle.loads(message)
     result = runner(*args)
     conn.send_bytes(pickle.dumps((type(result).__name__, len(result), result)))
+
+def columns_of(df, columns, rows=None):
+    return df[columns].iloc[:rows]
+
+
+def write_everywhere(df):
+    """What the task saw, then pandas-level writes that must stay its own."""
+    seen = (list(df.columns), [str(t) for t in df.dtypes], df.iloc[0].tolist())
+    df.insert(1, "midway", 0)
+    df.loc[:, "a"] = 0.5
+    df.loc[0, "s"] = "changed"
+    df.replace({"b": 1}, {"b": -1}, inplace=True)
+    return seen

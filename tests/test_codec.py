@@ -79,6 +79,12 @@ def roundtrip(obj: Any) -> tuple[Any, _segment.Mapping]:
         return decode(name)
 
 
+def cached_roundtrip(obj: Any) -> Any:
+    """``obj`` decoded as the worker cache decodes what every task is handed."""
+    with published(obj) as name, _codec.frozen_decode():
+        return decode(name)[0]
+
+
 # -- exact equality -------------------------------------------------------------
 
 
@@ -728,9 +734,14 @@ def _drop_column(frame: pd.DataFrame) -> None:
     del frame["i"]
 
 
+def _write_first(series: pd.Series, value: Any) -> None:
+    series.iloc[0] = value
+
+
 def _task_frame() -> pd.DataFrame:
     index = pd.date_range("2024-01-01", periods=N, freq="D", name="day")
-    return _with(_mixed_frame().set_index(index), attrs={"nested": {"a": [1, 2]}})
+    frame = _mixed_frame().set_index(index).assign(s=pd.Series(list("abcd") * (N // 4), index=index, dtype="str"))
+    return _with(frame, attrs={"nested": {"a": [1, 2]}})
 
 
 TASK_CHANGES = {
@@ -743,25 +754,60 @@ TASK_CHANGES = {
     "set-index-name": _set("index.name", "renamed"),
     "set-index-freq": _set("index.freq", None),
     "set-columns-name": _set("columns.name", "fields"),
-    "set-columns": _set("columns", [f"c{i}" for i in range(7)]),
+    "set-columns": _set("columns", [f"c{i}" for i in range(8)]),
     "set-index": _set("index", pd.RangeIndex(100, 100 + N)),
     "set-attrs": _set("attrs", {"other": True}),
     "mutate-attrs": _mutate_attrs,
     "set-flags": lambda v: setattr(v.flags, "allows_duplicate_labels", False),
     "sort-inplace": lambda v: v.sort_values("f", ascending=False, inplace=True),
     "reset-index-inplace": lambda v: v.reset_index(inplace=True),
+    # pandas-level writes: copy-on-write gives the task its own column
+    "insert-column-midway": lambda v: v.insert(3, "midway", 0),
+    "write-whole-column": lambda v: v.loc.__setitem__((slice(None), "f"), 0.5),
+    "write-whole-str-column": lambda v: v.loc.__setitem__((slice(None), "s"), "z"),
+    "write-row": lambda v: v.iloc.__setitem__(0, v.iloc[1]),
+    "write-cells": lambda v: [v.loc.__setitem__((v.index[0], c), v[c].iloc[1]) for c in ["f", "n", "s", "tz", "c", "t"]],
+    "write-through-series": lambda v: _write_first(v["n"], 7),
+    "replace-columnwise": lambda v: v.replace({"f": 0.0, "s": "a"}, {"f": -1.0, "s": "b"}, inplace=True),
+    "fillna-inplace": lambda v: v.fillna({"n": 0}, inplace=True),
+    "pop": lambda v: v.pop("s"),
+    "isetitem": lambda v: v.isetitem(0, np.ones(N)),
 }
 
 
 # Tasks written before pandas 3.1 use inplace=True: the view must take it too.
 @pytest.mark.filterwarnings("ignore:The inplace keyword")
 @pytest.mark.parametrize("change", TASK_CHANGES.values(), ids=TASK_CHANGES.keys())
-def test_task_view_changes_never_reach_the_cached_frame(change: Callable[[Any], None]):
+@pytest.mark.parametrize("frozen", [True, False], ids=["cached", "decoded"])
+def test_task_view_changes_never_reach_the_cached_frame(change: Callable[[Any], None], frozen: bool):
     original = _task_frame()
-    cached, _ = roundtrip(original)
+    cached = cached_roundtrip(original) if frozen else roundtrip(original)[0]
     change(_codec.task_view(cached))
+    exact.assert_identical(cached, original, readonly_ok=True)  # blocks and their placement too
     assert_identical(cached, original)
     assert_identical(_codec.task_view(cached), original)  # and the next task sees it whole
+
+
+def test_task_view_of_a_cached_frame_costs_no_work_per_block():
+    """Issue 15: a task's frame used to be ``copy(deep=False)``, a Block
+    object (and an array view) per block: 5 ms per task for 2 500 blocks."""
+    cached = cached_roundtrip(_task_frame())
+    view = _codec.task_view(cached)
+    assert len(view._mgr.blocks) == len(cached._mgr.blocks) > 5
+    assert all(mine is theirs for mine, theirs in zip(view._mgr.blocks, cached._mgr.blocks))
+    assert view._mgr is not cached._mgr and view.index is not cached.index
+
+
+@pytest.mark.skipif(not PANDAS_3, reason="extension arrays have no read-only flag before pandas 3")
+@pytest.mark.parametrize("column", ["n", "s", "tz", "c"])
+def test_writes_that_bypass_copy_on_write_meet_read_only_arrays(column: str):
+    # ``Series.array`` is the extension array of the block itself, shared by
+    # every task: Arrow arrays would replace their data in place.
+    original = _task_frame()
+    view = _codec.task_view(cached_roundtrip(original))
+    with pytest.raises(ValueError, match="read-only"):
+        view[column].array[0] = view[column].iloc[1]
+    assert_identical(_codec.task_view(view), original)
 
 
 SERIES_CHANGES = {
@@ -802,7 +848,21 @@ FRAME_CHANGES = {
                                     "set-flags"]},
     "set-columns-names": _set("columns.names", ["fields"]),
     "set-metadata": _set("crs", "EPSG:3857"),
+    "write-whole-column-referenced": lambda v: _write_referenced(v, "f"),
+    "write-whole-ext-column-referenced": lambda v: _write_referenced(v, "n"),
+    "write-cell-referenced": lambda v: _write_referenced(v, "f", row=0),
 }
+
+
+_references: list[Any] = []
+
+
+def _write_referenced(frame: pd.DataFrame, column: str, row: Any = slice(None)) -> None:
+    # Another object references the column (what a publisher may hold to see
+    # writes): pandas' copy-on-write gives the frame a new array, perhaps in
+    # the same Block object.
+    _references.append(frame[column])
+    frame.loc[frame.index[row], column] = frame[column].iloc[1]
 
 
 @pytest.mark.parametrize("change", FRAME_CHANGES.values(), ids=FRAME_CHANGES.keys())

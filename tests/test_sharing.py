@@ -19,6 +19,7 @@ import sharedexec
 from sharedexec import _cache, _registry
 from sharedexec._sharing import Options, SharedTask, install_hooks
 
+from . import _exact as exact
 from . import _sharing_tasks as tasks
 from .conftest import owned_segments
 
@@ -240,3 +241,39 @@ def test_writes_of_one_task_never_reach_the_next(mp_context, kind, mmap_mode):
     with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=0, mmap_mode=mmap_mode) as ex:
         seen = [ex.submit(tasks.write_into, obj).result() for _ in range(4)]
     assert seen == [expected] * 4
+
+
+def wide_str_frame(rows=150_000):
+    rng = np.random.default_rng(2)
+    return pd.DataFrame({
+        "a": rng.random(rows), "b": rng.integers(0, 5, rows),
+        "s": pd.array(rng.choice(["u", "v", "w"], rows), dtype="str"),
+        "n": pd.array(rng.integers(0, 9, rows), dtype="Int64"),
+    })
+
+
+def test_pandas_level_writes_of_one_task_never_reach_the_next(mp_context):
+    """Issue 15: tasks share the cached frame's Block objects; writes that
+    pandas makes in place on a Block (inserting midway, a whole-column or a
+    column-wise replace) must land in the task's own copy."""
+    df = wide_str_frame()
+    expected = tasks.write_everywhere(df.copy())
+    with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context) as ex:
+        assert [ex.submit(tasks.write_everywhere, df).result() for _ in range(3)] == [expected] * 3
+
+
+def test_results_made_of_the_tasks_frame_are_writable(mp_context):
+    """Extension arrays of a task's frame are read-only in the worker (issue
+    15); a result that holds them, small (pickled) or large (shared), is as
+    writable as the stdlib's, Arrow strings included (a large one used to
+    miss pandas' ``_cache``: AttributeError on the first write)."""
+    df = wide_str_frame()
+    with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context) as ex:
+        small = ex.submit(tasks.columns_of, df, ["s", "n"], 100).result()
+        large = ex.submit(tasks.columns_of, df, ["s", "n"]).result()
+    for result, rows in ((small, 100), (large, len(df))):
+        exact.assert_identical(result, df[["s", "n"]].iloc[:rows])
+        result.loc[0, "s"] = "x"
+        result["n"].array[1] = 42
+        result["s"].array[2] = "y"
+        assert result["s"].iloc[:3].tolist() == ["x", df["s"].iloc[1], "y"] and result["n"].iloc[1] == 42
