@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import statistics
-import time
+import timeit
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -59,12 +59,7 @@ def trivial(df: pd.DataFrame) -> int:
 
 
 def median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timeit.repeat(fn, number=1, repeat=repeat))
 
 
 def in_process(df: pd.DataFrame, repeat: int) -> tuple[float, float]:

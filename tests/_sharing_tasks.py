@@ -151,6 +151,7 @@ def write_into(obj):
 def scaled(df):
     return df.attrs["scale"](len(df))
 
+
 def run_like_dask(message: bytes, conn) -> None:
     """What a Dask worker does with a task: unpickle it with plain pickle,
     call it, hand its result to the next task, and send the result back with
@@ -160,6 +161,7 @@ def run_like_dask(message: bytes, conn) -> None:
     runner, args = pickle.loads(message)
     result = runner(*args)
     conn.send_bytes(pickle.dumps((type(result).__name__, len(result), result)))
+
 
 def columns_of(df, columns, rows=None):
     return df[columns].iloc[:rows]

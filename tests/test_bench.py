@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import os
 import subprocess
 import sys
@@ -258,3 +259,27 @@ def test_a_quick_run_says_targets_are_not_judged(capsys):
     assert "not judged" in text
     assert "--quick: targets are not judged on a 10,000-row frame; run without --quick (500,000 rows) to judge them." in text
     assert f"workers start with: {sharedexec.bench.cli.default_start_method()}" in text
+
+
+@linux_only
+@pytest.mark.parametrize("scenario, keys", [
+    ("row-partitioned", {"stdlib", "joblib", "sharedexec", "sharedexec-shared", "joblib-sharedexec", "pandarallel"}),
+    ("few-rows", {"data-server", "sharedexec"}),
+])
+def test_piece_scenarios_run_every_approach_correctly(tmp_path, capsys, scenario, keys):
+    out_json = tmp_path / "bench.json"
+    argv = ["--scenario", scenario, "--rows", "4000", "--chunks", "4", "--tasks", "6", "--string-kind", "arrow", "--json", str(out_json)]
+    assert main(argv) == 0, capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    got = {r["approach"]: r for r in doc["results"]}
+    assert set(got) == keys
+    for key, r in got.items():
+        if key != "pandarallel":  # 1.6.5 does not import with pandas 3
+            assert r["status"] == "ok" and r["correct"] is True, (key, r["reason"], r["traceback"])
+    assert doc["targets"]
+
+
+def test_strings_checksum_does_not_depend_on_how_a_slice_travelled():
+    frame = make_frame(3000, string_kind="arrow")
+    piece = frame.iloc[1000:2000]
+    assert tasks.checksum(pickle.loads(pickle.dumps(piece))) == tasks.checksum(piece) == tasks.checksum(piece.copy())

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from sharedexec.bench import report, tasks
+from sharedexec.bench import partitioned, report, tasks
 from sharedexec.bench.approaches import APPROACHES, BY_KEY, Approach
 from sharedexec.bench.frames import STRING_KINDS, describe, frame_nbytes, make_frame
 from sharedexec.bench.runner import Result, run_approach
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sweep", action="store_true", help="also memory vs workers (1..16), time vs tasks and vs frame size, each as a PNG (default off)"
     )
+    p.add_argument(
+        "--scenario", choices=("broadcast", *partitioned.SCENARIOS), default="broadcast",
+        help="broadcast: the whole frame to every task (the default); row-partitioned: one chunk of rows per task; "
+        "few-rows: each task reads a few rows (with a data-server approach)",
+    )
+    p.add_argument("--chunks", type=int, default=16, help="row-partitioned: chunks, one task each (default 16)")
     add_start_method(p, "; joblib's approaches use loky, fork-global fork, Ray its own")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON (default: not written)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the main figures, sweep PNGs beside it (default: not written)")
@@ -159,9 +165,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[
     args.tasks = args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS)
     args.few_tasks = min(args.few_tasks or (QUICK_FEW if args.quick else DEFAULT_FEW), args.tasks)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - set(BY_KEY)
+    keys = list(BY_KEY) if args.scenario == "broadcast" else [a.key for a in partitioned.SCENARIOS[args.scenario][1]]
+    unknown = skip - set(keys)
     if unknown:
-        parser.error(f"--skip: unknown approach {', '.join(sorted(unknown))}; choose among {', '.join(BY_KEY)}")
+        parser.error(f"--skip: unknown approach {', '.join(sorted(unknown))}; choose among {', '.join(keys)}")
     args.skip = sorted(skip)
     return [a for a in APPROACHES if a.key not in skip]
 
@@ -204,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     approaches = _resolve(args, parser)
     ctx = context_for(args.start_method)
+    if args.scenario != "broadcast":
+        return _scenario_main(args, ctx, " ".join([parser.prog, *argv]))
     kinds = list(STRING_KINDS) if args.string_kind == "both" else [args.string_kind]
     steps = plan(args, approaches)
     available = {a.key: a.unavailable() is None for a in approaches}
@@ -269,6 +278,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sweep plots: " + ", ".join(paths.values()), file=out)
 
     return _closing(results, targets, _caveat(args) if args.quick else "", out)
+
+
+def _scenario_main(args: argparse.Namespace, ctx: multiprocessing.context.BaseContext, command: str) -> int:
+    """One of :data:`partitioned.SCENARIOS`: every approach, each string kind."""
+    kinds = list(STRING_KINDS) if args.string_kind == "both" else [args.string_kind]
+    n = args.chunks if args.scenario == "row-partitioned" else args.tasks
+    results, frames = [], {}
+    for kind in kinds:
+        frame = make_frame(args.rows, string_columns=args.string_columns, string_kind=kind)
+        frames[kind] = describe(frame)
+        results += partitioned.run_all(
+            args.scenario, frame, n, args.workers, ctx, set(args.skip), string_kind=kind, frame_bytes=frame_nbytes(frame)
+        )
+        del frame
+    out = sys.stdout
+    env = report.environment(args.start_method, command)
+    report.print_header(env, f"sharedexec bench: {args.scenario}", out)
+    for kind in kinds:
+        print(f"\nframe ({kind} strings): {frames[kind]}", file=out)
+        group = [r for r in results if r.string_kind == kind]
+        report.print_table(group, f"{kind} strings, {args.scenario}, {n} tasks, {args.workers} workers", out)
+    targets = partitioned.targets(results)
+    report.print_targets(targets, "", out)
+    if args.json:
+        report.write_json(args.json, env, vars(args), frames, results, targets)
+    return _closing(results, targets, "", out)
 
 
 def _closing(results: Sequence[Result], targets: Sequence[report.Target], not_judged: str, out: TextIO) -> int:

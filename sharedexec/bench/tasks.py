@@ -70,6 +70,22 @@ def task_touch(df: pd.DataFrame, i: int) -> int:
     return checksum(df) + i
 
 
+ROWS_PER_TASK = 8
+
+
+def task_rows(df: Any, i: int) -> int:
+    """Read :data:`ROWS_PER_TASK` rows at the task's own place: ``checksum(rows) + i``.
+
+    ``df`` is a frame, or a :class:`RemoteFrame` that asks a data server."""
+    start = i * 7919 % max(len(df) - ROWS_PER_TASK, 1)
+    return checksum(df.iloc[start : start + ROWS_PER_TASK]) + i
+
+
+def expected_piece(task: Task, frame: pd.DataFrame, start: int, stop: int, i: int) -> int:
+    """What ``task`` returns for piece ``i`` (rows start..stop) of ``frame``."""
+    return task(frame, i) if task is task_rows else task(frame.iloc[start:stop], i)
+
+
 def task_hold(df: pd.DataFrame, i: int) -> int:
     """:func:`task_touch`, then wait at the barrier until all workers hold the frame."""
     value = task_touch(df, i)
@@ -150,12 +166,23 @@ def _column_checksum(s: pd.Series) -> int:
     if isinstance(s.dtype, np.dtype) and s.dtype.kind != "O":
         return _page_sample(s.to_numpy())
     if hasattr(values, "__arrow_array__"):
-        # Arrow-backed (pandas' "str" with pyarrow storage): every buffer of every chunk.
-        chunks = values.__arrow_array__().chunks
-        return sum(_page_sample(np.frombuffer(b, np.uint8)) for c in chunks for b in c.buffers() if b is not None)
+        # Arrow-backed (pandas' "str" with pyarrow storage): every chunk's offsets
+        # and string bytes, in the chunk's own range -- a slice may carry its
+        # parent's whole buffers or only its part, as it travelled.
+        return sum(_arrow_strings_checksum(c) for c in values.__arrow_array__().chunks)
     # Python objects: visit each one, as real code would (this touches refcounts).
     # Through the numpy array: iterating the pandas array goes through __getitem__.
     return sum(len(v) for v in s.to_numpy() if isinstance(v, str))
+
+
+def _arrow_strings_checksum(chunk: Any) -> int:
+    _, offsets, data = chunk.buffers()
+    width = np.int64 if chunk.type.equals("large_string") else np.int32
+    ends = np.frombuffer(offsets, width)[chunk.offset : chunk.offset + len(chunk) + 1]
+    if not len(chunk) or data is None:
+        return chunk.null_count
+    strings = np.frombuffer(data, np.uint8)[ends[0] : ends[-1]]
+    return _page_sample(ends - ends[0]) + _page_sample(strings) + chunk.null_count
 
 
 def checksum(df: pd.DataFrame) -> int:
@@ -243,3 +270,59 @@ def call_on_namespace(task: Task, namespace: Any, i: int) -> int:
     the cost the users who are advised to do this pay on every task.
     """
     return task(namespace.df, i)
+
+
+# ---------------------------------------------------------------------------
+# A data server: a process that holds the frame and answers requests for rows,
+# cells and slices over queues (bench scenario "few-rows").
+
+
+def serve_frame(frame: pd.DataFrame, requests: Any, replies: list[Any]) -> None:
+    """The server's loop: ``(slot, what, args)`` in, the answer out to ``replies[slot]``;
+    None ends it. ``what``: "len", "slice" (rows a..b), "cell" (row, column)."""
+    while (request := requests.get()) is not None:
+        slot, what, args = request
+        if what == "len":
+            answer: Any = len(frame)
+        elif what == "slice":
+            answer = frame.iloc[args[0] : args[1]]
+        else:
+            answer = frame.iat[args[0], args[1]]
+        replies[slot].put(answer)
+
+
+_SERVER: tuple[Any, Any, int] | None = None
+
+
+def connect_to_server(requests: Any, replies: list[Any], slots: Any) -> None:
+    """Pool initializer: take a reply queue of one's own."""
+    global _SERVER
+    with slots.get_lock():
+        slot = slots.value
+        slots.value += 1
+    _SERVER = (requests, replies[slot], slot)
+
+
+class RemoteFrame:
+    """What a task of the data-server approach reads: ``len`` and ``.iloc[a:b]``,
+    each a round trip to the server."""
+
+    def __init__(self) -> None:
+        self.iloc = self
+
+    def _ask(self, what: str, *args: Any) -> Any:
+        assert _SERVER is not None, "connect_to_server was not run in this worker"
+        requests, reply, slot = _SERVER
+        requests.put((slot, what, args))
+        return reply.get()
+
+    def __len__(self) -> int:
+        return self._ask("len")
+
+    def __getitem__(self, rows: slice) -> pd.DataFrame:
+        return self._ask("slice", rows.start, rows.stop)
+
+
+def call_on_server(task: Task, i: int) -> int:
+    """Run ``task`` on the frame the data server holds."""
+    return task(RemoteFrame(), i)
