@@ -143,8 +143,8 @@ def share(obj: T) -> T:
     Pickled by multiprocessing or joblib -- `Process(args=...)`, an
     `mp.Queue`, any pool -- the returned object travels as a small handle.
     Its data is read-only. The segment lives as long as the returned object
-    (and the tasks that carry it). Any other type raises :class:`TypeError`
-    (a :class:`sharedexec.SharedExecError`) before anything is written.
+    (and the tasks that carry it). Any other type raises `TypeError`
+    (a [`SharedExecError`][sharedexec.SharedExecError]) before anything is written.
     """
     # Checked first: a list or dict would otherwise be published, then fail
     # to be tracked (no weak reference), its segment kept till exit.

@@ -134,3 +134,5 @@ def test_docs_build_strict_and_the_api_page_shows_every_public_name(tmp_path):
     page = (tmp_path / "api" / "index.html").read_text()
     missing = [name for name in sharedexec.__all__ if f'id="sharedexec.{name}"' not in page]
     assert missing == []
+    # Docstrings are Markdown (mkdocstrings): a reStructuredText role shows raw.
+    assert not re.findall(r":(?:class|func|meth|exc|mod|attr):", page)
