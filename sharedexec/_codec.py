@@ -155,6 +155,13 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
         return _reduce_in_band(arr, enc)
     if arr.dtype == object:
         return _reduce_object_array(arr, enc)
+    if not arr.dtype.isnative and arr.dtype.names is None and (
+        arr.dtype.kind in "mM" or not (arr.flags.c_contiguous or arr.flags.f_contiguous)
+    ):
+        # numpy's own reduction of these (no buffer protocol; not contiguous)
+        # sends a non-native array in native byte order: a stdlib worker gets
+        # the same values, native. So do we.
+        arr = arr.astype(arr.dtype.newbyteorder("="), order="A" if arr.flags.f_contiguous else "C")
     if arr.flags.c_contiguous:
         order = "C"
     elif arr.flags.f_contiguous:
@@ -427,8 +434,10 @@ def _note_mutable(values: Any) -> None:
 
 
 def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
-    count = math.prod(shape)
-    flat = np.frombuffer(_view(index), dtype=dtype, count=count) if count else np.empty(0, dtype=dtype)
+    if not dtype.itemsize:  # np.frombuffer refuses (S0, V0): no data anyway
+        return np.empty(shape, dtype=dtype, order=order)
+    # An empty array too comes from its (empty) view: as writable as the others.
+    flat = np.frombuffer(_view(index), dtype=dtype, count=math.prod(shape))
     return flat.reshape(shape, order=order)
 
 
@@ -823,9 +832,10 @@ def task_view(obj: Any) -> Any:
         return _axis_view(obj)
     if isinstance(obj, np.ndarray):
         view = obj.view()
-        if isinstance(view, np.ma.MaskedArray) and view._fill_value is not None:
-            # A view shares its 0-d fill value, which `.fill_value = x` sets in place.
-            view._fill_value = view._fill_value.copy()
+        if isinstance(view, np.ma.MaskedArray) and obj._fill_value is not None:
+            # A view shares the 0-d fill value `.fill_value = x` sets in place,
+            # or converts it (to the array's dtype): the task gets its own, as it was.
+            view._fill_value = obj._fill_value.copy()
         return view
     if isinstance(obj, _load_polars()):
         return _polars_codec.task_view(obj)

@@ -15,6 +15,7 @@ import os
 import time
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 import sharedexec
 from sharedexec import _names, _registry, _segment
@@ -22,6 +23,17 @@ from sharedexec import _names, _registry, _segment
 from ._tasks import make_frame
 
 START_METHODS = ["fork", "spawn", "forkserver"]
+
+# Hypothesis: "ci" (the default) is bounded and derandomized, so CI stays fast
+# and a failure is the same on every run; "long" explores (`pytest
+# --hypothesis-profile=long tests/test_exactness.py`). Tests that set their
+# own max_examples keep it. Workers make examples slow to run: no deadline.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=12, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=_SLOW_OK, print_blob=True,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: bounded
+settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.load_profile("ci")
 
 
 @pytest.fixture(params=START_METHODS)

@@ -999,7 +999,7 @@ def test_equal_but_different_values_are_not_merged(repeat: int):
     frame = pd.DataFrame({"o": pd.Series(values, dtype=object)})
     for obj in (values, frame):
         got, _ = roundtrip(obj)
-        exact.assert_identical(got, _stdlib(obj), readonly_ok=True)
+        exact.assert_identical(got, _stdlib(obj), mmap_mode="r")
 
 
 def _strided(rows: int, cols: int) -> np.ndarray:
@@ -1028,7 +1028,7 @@ def test_object_arrays_keep_their_order_for_every_layout(build: Callable[[], Any
     """Issue 12, defect 2: flattened in memory order, rebuilt in C order."""
     obj = build()
     got, _ = roundtrip(obj)
-    exact.assert_identical(got, _stdlib(obj), readonly_ok=True)
+    exact.assert_identical(got, _stdlib(obj), mmap_mode="r")
 
 
 class WithMetadata(pd.DataFrame):
@@ -1063,7 +1063,7 @@ def test_frozen_decode_is_read_only_or_private(build: Callable[[], Any], private
     read-only, or reported as needing a decode per task."""
     obj = build()
     got, got_private = _frozen_roundtrip(obj)
-    exact.assert_identical(got, _stdlib(obj), readonly_ok=True)
+    exact.assert_identical(got, _stdlib(obj), mmap_mode="r")
     assert got_private is private
     for arr in _arrays_of(got) if not isinstance(got, np.ndarray) else [got, getattr(got, "_mask", got)]:
         assert not arr.flags.writeable
