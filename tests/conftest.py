@@ -32,7 +32,7 @@ _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter
 settings.register_profile("ci", max_examples=12, derandomize=True, database=None, deadline=None,
                           suppress_health_check=_SLOW_OK, print_blob=True,
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: bounded
-settings.register_profile("long", max_examples=2000, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
+settings.register_profile("long", max_examples=600, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
 settings.load_profile("ci")
 
 
