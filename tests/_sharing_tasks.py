@@ -11,6 +11,8 @@ import pandas as pd
 import sharedexec
 from sharedexec import _cache
 
+from ._exact_tasks import MetaFrame
+
 
 def describe(obj):
     """What a worker received: type, a digest, and whether it is shared."""
@@ -122,21 +124,11 @@ def blocked_until(flag):
 # -- issue 12: what one task writes, the next does not see ----------------------
 
 
-class WithMetadata(pd.DataFrame):
-    """A DataFrame subclass with a mutable ``_metadata`` value."""
-
-    _metadata = ["notes"]
-
-    @property
-    def _constructor(self):
-        return WithMetadata
-
-
 def write_into(obj):
     """What the task sees first, then a write of every kind it may try."""
-    if isinstance(obj, WithMetadata):
-        seen = list(obj.notes)
-        obj.notes.append("written")
+    if isinstance(obj, MetaFrame):
+        seen = list(obj.info)
+        obj.info.append("written")
         return seen
     seen = obj.tolist()
     try:

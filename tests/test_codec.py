@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 from sharedexec import _codec, _publication, _segment
 
 from . import _exact as exact
+from ._exact_tasks import MetaFrame
 
 pytestmark = pytest.mark.compat
 
@@ -1031,14 +1032,6 @@ def test_object_arrays_keep_their_order_for_every_layout(build: Callable[[], Any
     exact.assert_identical(got, _stdlib(obj), mmap_mode="r")
 
 
-class WithMetadata(pd.DataFrame):
-    _metadata = ["notes", "weights"]
-
-    @property
-    def _constructor(self):
-        return WithMetadata
-
-
 def _frozen_roundtrip(obj: Any) -> tuple[Any, bool]:
     with published(obj) as name, _codec.frozen_decode() as report:
         got, _ = decode(name)
@@ -1051,8 +1044,8 @@ FROZEN_CASES = {
     "masked": (lambda: np.ma.array([1.0, 2.0, 3.0], mask=[0, 1, 0], fill_value=-1.0), False),
     "matrix": (lambda: np.matrix([[1, 2], [3, 4]]), False),
     "lists-in-object-column": (lambda: _objects([[1], [2], None]), True),
-    "mutable-metadata": (lambda: _with(WithMetadata({"a": [1.0]}), notes=["n"], weights=None), True),
-    "array-metadata": (lambda: _with(WithMetadata({"a": [1.0]}), notes="n", weights=np.arange(3.0)), False),
+    "mutable-metadata": (lambda: _with(MetaFrame({"a": [1.0]}), info=["n"], weights=None), True),
+    "array-metadata": (lambda: _with(MetaFrame({"a": [1.0]}), info="n", weights=np.arange(3.0)), False),
 }
 
 

@@ -224,7 +224,7 @@ def _mutable_objects() -> dict:
         "lists-in-object-ndarray": lists,
         "masked": np.ma.array([1.0, 2.0], mask=[0, 1]),
         "matrix": np.matrix([[1, 2], [3, 4]]),
-        "metadata": tasks.WithMetadata({"a": [1.0, 2.0]}),
+        "metadata": tasks.MetaFrame({"a": [1.0, 2.0]}),
     }
 
 
@@ -236,7 +236,7 @@ def test_writes_of_one_task_never_reach_the_next(mp_context, kind, mmap_mode):
     writable object arrays, masked arrays, matrices and metadata values."""
     obj = _mutable_objects()[kind]
     if kind == "metadata":
-        obj.notes = ["original"]
+        obj.info = ["original"]
     expected = tasks.write_into(pickle.loads(pickle.dumps(obj)))
     with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=0, mmap_mode=mmap_mode) as ex:
         seen = [ex.submit(tasks.write_into, obj).result() for _ in range(4)]
