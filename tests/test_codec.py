@@ -784,7 +784,7 @@ def test_task_view_changes_never_reach_the_cached_frame(change: Callable[[Any], 
     original = _task_frame()
     cached = cached_roundtrip(original) if frozen else roundtrip(original)[0]
     change(_codec.task_view(cached))
-    exact.assert_identical(cached, original, readonly_ok=True)  # blocks and their placement too
+    exact.assert_identical(cached, original, mmap_mode="r")  # blocks and their placement too
     assert_identical(cached, original)
     assert_identical(_codec.task_view(cached), original)  # and the next task sees it whole
 
