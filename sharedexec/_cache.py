@@ -84,47 +84,53 @@ class WorkerCache:
     def __init__(self, budget: int | None = None) -> None:
         self.budget = budget if budget is not None else cache_budget()
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # by (segment, strings)
         self._boards: dict[str, _segment.Mapping] = {}
         self._holds: dict[str, _segment.Hold] = {}  # segments of mmap_mode="c" tasks
         self._sweeper: threading.Thread | None = None
 
     def resolve(self, handle: Handle) -> Any:
         try:
-            if handle.mmap_mode == "c":
-                if handle.name not in self._holds:
-                    held = _segment.hold(handle.name)
-                    if held is not None:
-                        with self._lock:
-                            self._holds[handle.name] = held
-                            self._start_sweeper()
-                return self._read(_segment.attach(handle.name, copy_on_write=True, key=handle.key), copy_on_write=True)
-            if handle.publisher == os.getpid():
-                # Our own handle read back (Pool.terminate() drains its task
-                # queue by unpickling it): caching it would map our own
-                # segment, and so keep it, for good.
-                return self._read(_segment.attach(handle.name, key=handle.key), copy_on_write=False)
-            with self._lock:
-                entry = self._entries.get(handle.name)
-                if entry is not None:
-                    self._entries.move_to_end(handle.name)
-            if entry is None:
-                mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
-                with _codec.frozen_decode() as decoded:
-                    obj = self._read(mapping, copy_on_write=False)
-                # An object with mutable values is never handed out twice.
-                entry = _Entry(None if decoded.private else obj, mapping, mapping.size, decoded.private)
-                with self._lock:
-                    self._entries[handle.name] = entry
-                    self._evict()
-                    self._start_sweeper()
-                if entry.private:
-                    return obj
-            return self._for_task(entry)
+            with _codec.strings_as(handle.strings):
+                return self._resolve(handle)
         except SegmentNotFoundError as exc:
             raise handle.gone_error(exc) from exc
         finally:
             self._end_lease(handle)
+
+    def _resolve(self, handle: Handle) -> Any:
+        if handle.mmap_mode == "c":
+            if handle.name not in self._holds:
+                held = _segment.hold(handle.name)
+                if held is not None:
+                    with self._lock:
+                        self._holds[handle.name] = held
+                        self._start_sweeper()
+            return self._read(_segment.attach(handle.name, copy_on_write=True, key=handle.key), copy_on_write=True)
+        if handle.publisher == os.getpid():
+            # Our own handle read back (Pool.terminate() drains its task
+            # queue by unpickling it): caching it would map our own
+            # segment, and so keep it, for good.
+            return self._read(_segment.attach(handle.name, key=handle.key), copy_on_write=False)
+        # One entry per way of decoding: strings="arrow" gives other columns.
+        key = (handle.name, handle.strings)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if entry is None:
+            mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
+            with _codec.frozen_decode() as decoded:
+                obj = self._read(mapping, copy_on_write=False)
+            # An object with mutable values is never handed out twice.
+            entry = _Entry(None if decoded.private else obj, mapping, mapping.size, decoded.private)
+            with self._lock:
+                self._entries[key] = entry
+                self._evict()
+                self._start_sweeper()
+            if entry.private:
+                return obj
+        return self._for_task(entry)
 
     def _for_task(self, entry: _Entry) -> Any:
         # What one task does to its object must not reach the next task: a
@@ -211,9 +217,12 @@ class Handle:
     publisher: int
     host: str
     key: bytes = field(repr=False)  # never shown: whoever holds it could forge our segments
+    strings: str = "exact"  # the entry point's ``strings`` option
 
     def __reduce__(self):
-        return _resolve, (self.name, self.mmap_mode, self.board, self.lease, self.publisher, self.host, self.key)
+        return _resolve, (
+            self.name, self.mmap_mode, self.board, self.lease, self.publisher, self.host, self.key, self.strings
+        )
 
     def gone_error(self, error: SegmentNotFoundError | None = None) -> SegmentNotFoundError:
         if self.host != _names.HOST:
@@ -267,9 +276,11 @@ def defer_errors(errors: list[Exception] | None) -> None:
     _deferral.errors = errors
 
 
-def _resolve(name: str, mmap_mode: str, board: str, lease: int, publisher: int, host: str, key: bytes) -> Any:
+def _resolve(
+    name: str, mmap_mode: str, board: str, lease: int, publisher: int, host: str, key: bytes, strings: str = "exact"
+) -> Any:
     try:
-        return CACHE.resolve(Handle(name, mmap_mode, board, lease, publisher, host, key))
+        return CACHE.resolve(Handle(name, mmap_mode, board, lease, publisher, host, key, strings))
     except Exception as exc:
         errors = getattr(_deferral, "errors", None)
         if errors is None:

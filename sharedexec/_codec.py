@@ -46,8 +46,13 @@ zero-copy: a view of the segment       numpy bool, int*, uint*, float* (float16
                                        MultiIndex levels and codes; polars
                                        DataFrame / Series columns of every
                                        dtype Arrow carries (``_codec_polars``)
-once per worker: pickled by value into ``object`` columns and labels (pandas 2's
-the layout, which lives in the segment  strings), ``string[python]``, pandas 3's
+in Arrow's string layout, turned into   ``object`` arrays, columns and labels
+Python strings once per worker          whose values are all exactly ``str``
+                                       (missing: None or np.nan), with pyarrow
+                                       (``_codec_strings``); zero-copy as
+                                       pandas ``str`` with ``strings="arrow"``
+once per worker: pickled by value into other ``object`` columns and labels,
+the layout, which lives in the segment  ``string[python]``, pandas 3's
 too, unpickled when a worker first     ``str`` without pyarrow, numpy
 meets the object (the worker cache     ``StringDType`` and structured dtypes
 keeps it)                              with object fields, ndarray subclasses
@@ -92,9 +97,12 @@ from ._errors import SharedExecError
 try:  # pyarrow is optional; pandas' Arrow-backed arrays exist only with it
     import pyarrow as pa
     from pandas.core.arrays.arrow import ArrowExtensionArray
+
+    from . import _codec_strings
 except ImportError:  # pragma: no cover - exercised by the no-pyarrow CI job
     pa = None
     ArrowExtensionArray = None
+    _codec_strings = None
 
 try:  # pandas >= 3.0
     from pandas.core.internals.api import _make_block
@@ -133,12 +141,20 @@ def _reduce_frame(df: pd.DataFrame, enc: _Encoder):
     mgr = df._mgr
     # A block's placement as a slice when it is one (most are): the layout
     # stays a few bytes per block instead of an array buffer per block.
-    blocks = [(blk.values, _placement(blk.mgr_locs)) for blk in mgr.blocks]
+    blocks = [(_column_values(blk.values, enc), _placement(blk.mgr_locs)) for blk in mgr.blocks]
     return _rebuild_frame, (type(df), blocks, mgr.axes[1], mgr.axes[0], *_frame_state(df))
 
 
 def _reduce_series(s: pd.Series, enc: _Encoder):
-    return _rebuild_series, (type(s), s._values, s.index, s.name, *_frame_state(s))
+    return _rebuild_series, (type(s), _column_values(s._values, enc), s.index, s.name, *_frame_state(s))
+
+
+def _column_values(values: Any, enc: _Encoder) -> Any:
+    # A column's object array of strings may come back Arrow-backed
+    # (strings="arrow"): marked as a column here, where that is known.
+    if type(values) is np.ndarray and values.dtype == object:
+        return _arrow_strings(values, enc, column=True) or values
+    return values
 
 
 def _reduce_index(idx: pd.Index, enc: _Encoder):
@@ -189,7 +205,12 @@ def _reduce_object_array(arr: np.ndarray, enc: _Encoder):
     worker's array point at one object per distinct value): a column of
     500 000 strings of a few distinct values costs each worker 4 MB of
     pointers instead of 35 MB of strings. Any other value is stored as itself
-    (pickle's memo already stores one object met twice once)."""
+    (pickle's memo already stores one object met twice once). Arrays of
+    strings only are not pickled at all: they go in Arrow's layout
+    (``_codec_strings``)."""
+    strings = _arrow_strings(arr, enc, column=False)
+    if strings is not None:
+        return strings.__reduce__()
     # Flattened and rebuilt in one and the same order, whatever the strides
     # (a transposed or sliced array is neither C- nor F-contiguous).
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
@@ -198,6 +219,19 @@ def _reduce_object_array(arr: np.ndarray, enc: _Encoder):
         canonical: dict = {}
         values = [canonical.setdefault((type(v), v), v) if type(v) in _INTERCHANGEABLE else v for v in values]
     return _rebuild_object_array, (values, arr.shape, order)
+
+
+def _arrow_strings(arr: np.ndarray, enc: _Encoder, column: bool) -> Any:
+    """``arr`` as Arrow strings (``_codec_strings``) if all its values are
+    strings, else None (remembered: a frame's block is met twice)."""
+    if _codec_strings is None or id(arr) in enc.not_strings:
+        return None
+    strings = _codec_strings.ArrowStrings.of(arr, column)
+    if strings is None:
+        enc.not_strings.add(id(arr))
+    else:  # its columns that are not all strings are pickled next: as they are
+        enc.not_strings.update(id(part) for part in strings.parts if isinstance(part, np.ndarray))
+    return strings
 
 
 def _repeats_enough(values: list) -> bool:
@@ -283,6 +317,7 @@ class _Encoder(pickle.Pickler):
         self.buffers: list[pickle.PickleBuffer] = []
         self._numbers: dict[tuple[int, int], int] = {}
         self.in_band: set[int] = set()  # ids of arrays numpy reduces itself
+        self.not_strings: set[int] = set()  # ids of object arrays that are not all strings
 
     def out_of_band(self, data: np.ndarray | pa.Buffer) -> int:
         """The number of ``data`` (a contiguous uint8 ndarray or a pa.Buffer)
@@ -385,6 +420,13 @@ def frozen_decode() -> Iterator[FrozenDecode]:
         yield report
     finally:
         _decoding.frozen = outer
+
+
+def strings_as(mode: str) -> contextlib.AbstractContextManager:
+    """Decodes in this block hand a frame's or Series' object columns of
+    strings over as ``mode``: ``"exact"`` (object arrays of ``str``) or
+    ``"arrow"`` (pandas' Arrow-backed ``str``; see ``_codec_strings``)."""
+    return contextlib.nullcontext() if _codec_strings is None else _codec_strings.strings_as(mode)
 
 
 def _view(index: int) -> memoryview:
@@ -497,13 +539,25 @@ def _rebuild_frame(cls, blocks, index, columns, attrs, allows_duplicate_labels, 
         # pandas 2.2 flags make_block as internal API; it is the zero-copy path
         # (pyarrow's to_pandas uses the same one for the same reason).
         warnings.simplefilter("ignore", DeprecationWarning)
-        mgr = BlockManager(tuple(_make_block(values, placement) for values, placement in blocks), [columns, index])
+        mgr = BlockManager(tuple(_make_blocks(blocks)), [columns, index])
     if getattr(_decoding, "frozen", None) is not None:
         _freeze_blocks(mgr)
     return _restore_frame_state(cls._from_mgr(mgr, mgr.axes), attrs, allows_duplicate_labels, metadata)
 
 
+def _make_blocks(blocks: list) -> Iterator:
+    for values, placement in blocks:
+        if isinstance(values, list):  # an object block's columns, some as Arrow strings: a block each
+            locs = range(placement.start, placement.stop, placement.step or 1) if isinstance(placement, slice) else placement
+            for column, loc in zip(values, locs):
+                yield _make_block(column.reshape(1, -1) if isinstance(column, np.ndarray) else column, slice(loc, loc + 1))
+        else:
+            yield _make_block(values, placement)
+
+
 def _rebuild_series(cls, values, index, name, attrs, allows_duplicate_labels, metadata):
+    if isinstance(values, list):  # Arrow strings (one column)
+        values = values[0]
     mgr = SingleBlockManager.from_array(values, index)
     series = cls._from_mgr(mgr, mgr.axes)
     series.name = name

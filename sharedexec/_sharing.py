@@ -52,6 +52,7 @@ from ._errors import SharedExecWarning, SharedMemoryFullError
 
 MMAP_MODES = ("r", "c")
 ON_FULL = ("fallback", "raise")
+STRINGS = ("exact", "arrow")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Options:
     min_bytes: int = 1 << 20
     mmap_mode: str = "r"
     on_full: str = "fallback"
+    strings: str = "exact"
     share_results: bool = True
 
     def __post_init__(self) -> None:
@@ -68,6 +70,13 @@ class Options:
             raise ValueError(f"mmap_mode must be 'r' (read-only) or 'c' (copy-on-write), not {self.mmap_mode!r}")
         if self.on_full not in ON_FULL:
             raise ValueError(f"on_full must be 'fallback' or 'raise', not {self.on_full!r}")
+        if self.strings not in STRINGS:
+            raise ValueError(
+                f"strings must be 'exact' (object columns of strings arrive as they are) or 'arrow' "
+                f"(as pandas' Arrow-backed str dtype, shared), not {self.strings!r}"
+            )
+        if self.strings == "arrow" and _codec.pa is None:
+            raise ValueError("strings='arrow' needs pyarrow, which is not installed: pip install pyarrow")
         if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
             raise ValueError(f"min_bytes must be a non-negative int, not {self.min_bytes!r}")
 
@@ -115,13 +124,13 @@ def _reduce_shared(pickler, obj: Any):
         pub = registry.shared_publication(obj)
         if pub is None:
             return NotImplemented
-        mmap_mode, leases = "r", None
+        mmap_mode, strings, leases = "r", "exact", None
         board, lease, token = registry.lease(pub)
     else:
         if not _codec.is_shareable(obj) or id(obj) in pickler.__dict__.get("_sharedexec_plain", ()):
             return NotImplemented
         options, leases = task.options, task.leases
-        mmap_mode = options.mmap_mode
+        mmap_mode, strings = options.mmap_mode, options.strings
         try:
             leased = registry.lease_for(obj, options.min_bytes, _pickles_functions(pickler))
         except _codec.UnencodableError:
@@ -139,7 +148,7 @@ def _reduce_shared(pickler, obj: Any):
     if leases is not None:
         leases.append(token)
     pickler.__dict__.setdefault("_sharedexec_tokens", []).append(token)
-    return _cache._resolve, (pub.name, mmap_mode, board, lease, registry.pid, _names.HOST, pub.mapping.key)
+    return _cache._resolve, (pub.name, mmap_mode, board, lease, registry.pid, _names.HOST, pub.mapping.key, strings)
 
 
 def _pickle_plainly(pickler, obj: Any):

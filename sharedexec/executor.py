@@ -44,6 +44,12 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
             with one [`SharedExecWarning`][sharedexec.SharedExecWarning];
             `"raise"` fails the task with
             [`SharedMemoryFullError`][sharedexec.SharedMemoryFullError].
+        strings: `"exact"` (default): a column of Python strings (`object`
+            dtype) arrives as it is, an `object` column of `str`, built by
+            each worker. `"arrow"`: such a column of a DataFrame or Series
+            arrives as pandas' Arrow-backed `str` dtype, read in place from
+            shared memory: no worker builds Python strings (see
+            [Data types](dtypes.md#object-columns-of-strings)).
     """
 
     def __init__(
@@ -57,8 +63,9 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         min_bytes: int = 1 << 20,
         mmap_mode: str = "r",
         on_full: str = "fallback",
+        strings: str = "exact",
     ) -> None:
-        self._sharing = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full)
+        self._sharing = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full, strings=strings)
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         install_hooks()

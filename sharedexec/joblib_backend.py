@@ -37,7 +37,7 @@ class JoblibBackend(LokyBackend):
 
     or as an instance with options: `parallel_config(backend=
     sharedexec.JoblibBackend(min_bytes=..., mmap_mode="c"))`. `min_bytes`,
-    `mmap_mode` and `on_full` mean what they mean for
+    `mmap_mode`, `on_full` and `strings` mean what they mean for
     [`ProcessPoolExecutor`][sharedexec.ProcessPoolExecutor]; other keyword
     arguments go to joblib's `LokyBackend`.
     """
@@ -48,10 +48,11 @@ class JoblibBackend(LokyBackend):
         min_bytes: int = 1 << 20,
         mmap_mode: str = "r",
         on_full: str = "fallback",
+        strings: str = "exact",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._sharing = Options(min_bytes, mmap_mode, on_full)
+        self._sharing = Options(min_bytes, mmap_mode, on_full, strings)
         install_hooks()
 
     def submit(self, func: Any, callback: Any = None) -> Any:

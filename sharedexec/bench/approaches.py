@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import importlib
 import itertools
 import multiprocessing
@@ -80,6 +81,11 @@ class Approach:
     def frame_bytes(self, seen: Any) -> int | None:
         """The size of ``frame_for``'s frame when it is another kind of object."""
         return None
+
+    def frame_in_tasks(self, seen: Any) -> Any:
+        """The frame as the tasks receive it, where the approach changes it on
+        the way (``strings="arrow"``): the expected results are computed on it."""
+        return seen
 
     def prepare(self, frame: pd.DataFrame) -> Any:
         return frame
@@ -134,6 +140,18 @@ class SharedexecExecutor(StdlibExecutor):
 
     def executor_class(self) -> type[concurrent.futures.ProcessPoolExecutor]:
         return _sharedexec("ProcessPoolExecutor")[0]
+
+
+class SharedexecArrowStrings(SharedexecExecutor):
+    key = "sharedexec-arrow-strings"
+    label = 'sharedexec.ProcessPoolExecutor(strings="arrow")'
+    note = "object string columns reach tasks as Arrow-backed str"
+
+    def executor_class(self) -> Any:
+        return functools.partial(super().executor_class(), strings="arrow")
+
+    def frame_in_tasks(self, seen: pd.DataFrame) -> pd.DataFrame:
+        return seen.astype({name: "str" for name, dtype in seen.dtypes.items() if dtype == object})
 
 
 class _PolarsFrame:
@@ -391,6 +409,7 @@ APPROACHES: tuple[Approach, ...] = (
     ForkGlobal(),
     RayPut(),
     SharedexecExecutor(),
+    SharedexecArrowStrings(),
     PolarsStdlib(),
     PolarsSharedexec(),
 )

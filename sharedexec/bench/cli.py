@@ -40,7 +40,7 @@ SWEEP_WORKERS = (1, 2, 4, 8, 16)
 TARGET_WORKERS = 8
 SWEEP_TASKS = (1, 4, 16, 64, 256)
 SWEEP_SIZES = (1 / 8, 1 / 4, 1 / 2)  # the full size is the main phase's run
-SWEEP_KEYS = ("stdlib", "joblib", "sharedexec", "pool-shared", "joblib-sharedexec")
+SWEEP_KEYS = ("stdlib", "joblib", "sharedexec", "sharedexec-arrow-strings", "pool-shared", "joblib-sharedexec")
 TASKS = {"len": tasks.task_len, "touch": tasks.task_touch}
 # phase: (x, y, x label, y label, title) of its table and PNG
 SWEEP_FIGURES = {

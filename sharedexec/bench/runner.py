@@ -159,7 +159,7 @@ def _measure(
 ) -> None:
     seen = approach.frame_for(frame)
     result.frame_bytes = approach.frame_bytes(seen) or result.frame_bytes
-    expected_base = task(seen, 0)
+    expected_base = task(approach.frame_in_tasks(seen), 0)
     stats_before = approach.stats() or {}
     with _meter() or _NoMeter() as prep_meter:
         t0 = time.perf_counter()
