@@ -110,6 +110,8 @@ class ArrowStrings:
 
     @classmethod
     def of(cls, arr: np.ndarray, column: bool) -> ArrowStrings | None:
+        if not arr.size:
+            return None  # no string in it
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
         rows = arr.reshape(-1, arr.shape[-1]) if column and arr.ndim == 2 else arr.reshape(1, -1)
         parts = [_part(row) for row in rows]
