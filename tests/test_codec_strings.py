@@ -89,7 +89,7 @@ def test_all_string_arrays_take_the_arrow_path_and_come_back_exactly(case, conta
             values = pd.DataFrame({"s": values, "t": values.copy(), "n": np.arange(len(values))})
     assert arrow_path(values)
     got, _ = exact_roundtrip(values)
-    assert_identical(got, reference(values), readonly_ok=True)
+    assert_identical(got, reference(values), mmap_mode="r")
 
 
 @pytest.mark.parametrize("make", NOT_TAKEN.values(), ids=NOT_TAKEN.keys())
@@ -99,7 +99,7 @@ def test_other_object_arrays_are_pickled_and_come_back_exactly(make):
     assert not arrow_path(values)
     for obj in (values, frame):
         got, _ = exact_roundtrip(obj)
-        assert_identical(got, reference(obj), readonly_ok=True)
+        assert_identical(got, reference(obj), mmap_mode="r")
 
 
 def test_values_that_repeat_share_one_object_each():
@@ -129,9 +129,9 @@ def test_generated_object_columns_roundtrip_exactly(rows, fortran):
     rows = [(row * width)[:width] for row in rows]
     frame = pd.DataFrame(np.array(rows, dtype=object, order="F" if fortran else "C"), dtype=object)
     got, _ = exact_roundtrip(frame)
-    assert_identical(got, reference(frame), readonly_ok=True)
+    assert_identical(got, reference(frame), mmap_mode="r")
     array = frame.to_numpy()
-    assert_identical(exact_roundtrip(array)[0], reference(array), readonly_ok=True)
+    assert_identical(exact_roundtrip(array)[0], reference(array), mmap_mode="r")
 
 
 # -- strings="arrow" ------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_strings_arrow_leaves_indexes_and_arrays_exact():
     index = pd.Index(_distinct(), dtype=object)
     for obj in (array, index):
         got, _ = exact_roundtrip(obj, strings="arrow")
-        assert_identical(got, reference(obj), readonly_ok=True)
+        assert_identical(got, reference(obj), mmap_mode="r")
 
 
 def test_strings_option_is_checked():
