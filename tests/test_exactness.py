@@ -6,8 +6,9 @@ ndarrays of every dtype kind in every memory layout (C, F, strided, negative
 strides, offsets, 0-d, empty, byteswapped, structured); object arrays of mixed
 Python values (timestamps naive and in several zones, Decimal, -0.0, NaN,
 tuples, nested lists, None); masked arrays, np.matrix, an ndarray subclass;
-Arrow arrays, chunked arrays and tables with slices and nulls; attrs of every
-kind -- and sends each through every entry point:
+Arrow arrays, chunked arrays and tables with slices and nulls; polars
+DataFrames and Series of every dtype (not to forked workers: polars hangs
+there); attrs of every kind -- and sends each through every entry point:
 
 * ``sharedexec.ProcessPoolExecutor`` (``mmap_mode="r"`` and ``"c"``),
 * joblib with ``backend="sharedexec"``,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import importlib.util
 import multiprocessing
 import zoneinfo
 from multiprocessing.reduction import ForkingPickler
@@ -52,6 +54,7 @@ from . import _exact_tasks as tasks
 from .conftest import START_METHODS
 
 pa = pytest.importorskip("pyarrow")
+HAS_POLARS = importlib.util.find_spec("polars") is not None
 
 pytestmark = pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 
@@ -239,6 +242,9 @@ def _column_kinds() -> list[Callable[[int], st.SearchStrategy]]:
         column(maybe(st.text(max_size=4)), lambda v: pd.array(v, dtype="string[python]")),
         column(maybe(st.text(max_size=4)), lambda v: pd.array(v, dtype="string[pyarrow]")),
         column(VALUES, _objects),
+        # Strings only, with None or np.nan: the Arrow string layout (_codec_strings).
+        column(maybe(st.text(max_size=4)), _objects),
+        column(st.one_of(st.just(np.nan), st.text(max_size=4)), _objects),
         column(maybe(ints), lambda v: pd.array(v, dtype=pd.ArrowDtype(pa.int64()))),
         column(maybe(FLOATS), lambda v: pd.array(pa.array(v, pa.float64()), dtype=pd.ArrowDtype(pa.float64()))),
         column(maybe(st.lists(st.integers(-5, 5), max_size=3)), lambda v: pd.array(v, dtype=pd.ArrowDtype(pa.list_(pa.int8())))),
@@ -387,9 +393,21 @@ def arrow_objects(draw) -> Any:
     return table.slice(draw(st.integers(0, table.num_rows)))
 
 
-def objects(functions: bool = False) -> st.SearchStrategy:
+def polars_objects() -> st.SearchStrategy:
+    """polars DataFrames and Series of every dtype polars can pickle."""
+    from polars.testing.parametric import dataframes, series as polars_series
+
+    import polars as pl
+
+    return st.one_of(
+        dataframes(max_cols=4, max_size=8, excluded_dtypes=[pl.Object]),
+        polars_series(max_size=8, excluded_dtypes=[pl.Object]),
+    )
+
+
+def objects(functions: bool = False, polars: bool = False) -> st.SearchStrategy:
     """Anything sharedexec shares. ``functions``: attrs may hold a lambda
-    (only loky's cloudpickle can send it)."""
+    (only loky's cloudpickle can send it). ``polars``: polars objects too."""
     return st.one_of(
         frames(functions),
         series(functions),
@@ -398,6 +416,7 @@ def objects(functions: bool = False) -> st.SearchStrategy:
         object_arrays(),
         ndarray_subclasses(),
         arrow_objects(),
+        *([polars_objects()] if polars else []),
     )
 
 
@@ -421,6 +440,7 @@ class EntryPoint:
 
     functions = False
     mmap_mode = "r"
+    polars = False  # whether polars objects may go to its workers (set per start method)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -503,13 +523,16 @@ def entry_point(request):
     name, method = request.param
     cls, mmap_mode = ENTRY_POINTS[name]
     entry = cls(multiprocessing.get_context(method), mmap_mode)
+    # polars in a forked worker can hang (pola-rs/polars#8032; docs: Data
+    # types): loky (joblib) never forks its workers.
+    entry.polars = HAS_POLARS and (method != "fork" or name == "joblib")
     yield entry
     entry.close()
 
 
 @given(data=st.data())
 def test_every_entry_point_delivers_what_the_stdlib_does(entry_point, data):
-    objs = data.draw(st.lists(objects(entry_point.functions), min_size=1, max_size=6), label="objects")
+    objs = data.draw(st.lists(objects(entry_point.functions, entry_point.polars), min_size=1, max_size=6), label="objects")
     results = entry_point.run(objs)
     per_object = len(results) // len(objs)
     failures = [
