@@ -389,13 +389,36 @@ _decoding = threading.local()
 
 def decode(layout: bytes | memoryview, views: list[memoryview]) -> Any:
     """Rebuild the object from its layout on top of ``views`` (one per buffer,
-    in order). Arrays are views of ``views``: writable exactly if they are."""
-    outer = getattr(_decoding, "views", None)
+    in order). Arrays are views of ``views``: writable exactly if they are,
+    and then never two over the same memory (``_shared_memory``)."""
+    outer = getattr(_decoding, "views", None), getattr(_decoding, "aliased", None)
     _decoding.views = views
+    _decoding.aliased = _shared_memory(views)
     try:
         return pickle.loads(layout)
     finally:
-        _decoding.views = outer
+        _decoding.views, _decoding.aliased = outer
+
+
+def _shared_memory(views: list[memoryview]) -> set[int]:
+    """The numbers of the writable views whose memory an earlier view (by
+    address) also covers. Distinct objects over one memory -- two columns of
+    a pandas 3 lazy copy (``df["b"] = df["a"]``), ``arr`` and ``arr.view()``
+    -- are stored once, but a pickle gives each its own copy: where a task
+    can write, each must get its own memory too (a write through one must
+    not show through the other). One object met twice is one object (pickle's
+    memo), decoded once."""
+    spans = sorted(
+        (np.frombuffer(view, np.uint8).ctypes.data, view.nbytes, number)
+        for number, view in enumerate(views)
+        if view.nbytes and not view.readonly
+    )
+    aliased, end = set(), 0
+    for start, size, number in spans:
+        if start < end:
+            aliased.add(number)
+        end = max(end, start + size)
+    return aliased
 
 
 class FrozenDecode:
@@ -479,7 +502,13 @@ def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str) -> n
     if not dtype.itemsize:  # np.frombuffer refuses (S0, V0): no data anyway
         return np.empty(shape, dtype=dtype, order=order)
     # An empty array too comes from its (empty) view: as writable as the others.
-    flat = np.frombuffer(_view(index), dtype=dtype, count=math.prod(shape))
+    view = _view(index)
+    flat = np.frombuffer(view, dtype=dtype, count=math.prod(shape))
+    if view.nbytes and not view.readonly:
+        aliased = _decoding.aliased
+        if index in aliased:
+            flat = flat.copy()  # see _shared_memory
+        aliased.add(index)  # the next array over this memory copies it
     return flat.reshape(shape, order=order)
 
 

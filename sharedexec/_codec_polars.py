@@ -144,7 +144,8 @@ _warned = False
 
 def _rebuild_frame(cls: type, columns: list[Column]) -> pl.DataFrame:
     _warn_if_forked_with_pool()
-    frame = pl.DataFrame([_series(column) for column in columns])
+    # By name: a list of Series renames one named "" to "column_0".
+    frame = pl.DataFrame({series.name: series for series in map(_series, columns)})
     return frame if cls is pl.DataFrame else cls._from_pydf(frame._df)
 
 
