@@ -787,6 +787,31 @@ def fingerprint(obj: Any) -> tuple[tuple, Any]:
     return (), ()  # pyarrow objects are immutable
 
 
+def _pandas_copies_on_write() -> bool:
+    # Always in pandas 3; an option in 2.2 (read at each publication: a user
+    # may turn it on after importing us).
+    return int(pd.__version__.split(".")[0]) >= 3 or pd.options.mode.copy_on_write is True
+
+
+def write_guard(obj: Any) -> Any:
+    """A reference to ``obj``'s blocks that pandas sees, or None.
+
+    Under Copy-on-Write pandas copies a block before writing into it while
+    another object references it (``Block.refs.has_reference()``: a shallow
+    copy is one, see pandas' ``internals/managers.py``, ``column_setitem``,
+    ``setitem_inplace``; ``internals/blocks.py``, ``_get_refs_and_copy``).
+    Held by the publisher, it makes every in-place write -- ``df.loc``,
+    ``iloc``, ``fillna(inplace=True)``, an Arrow string cell, ``s.iloc[0] =``
+    -- replace the written block (or column) with a new object: the
+    fingerprint sees it, and only that block is published again. Blocks that
+    are not written are never copied. pandas 2.2 without Copy-on-Write and
+    numpy arrays write in place whatever references exist: None (the
+    snapshot rule, docs/semantics.md)."""
+    if isinstance(obj, (pd.DataFrame, pd.Series)) and _pandas_copies_on_write():
+        return obj.copy(deep=False)
+    return None
+
+
 def same_fingerprint(a: tuple[tuple, Any], b: tuple[tuple, Any]) -> bool:
     idents_a, values_a = a
     idents_b, values_b = b

@@ -84,11 +84,27 @@ class Publication:
     leased: int = 0  # leases taken so far: a change says "handed out again"
     last_used: float = field(default_factory=time.monotonic)
     dependents: int = 0  # unreleased publications whose tables name this one
-    buffer_keys: list[tuple[int, int]] = field(default_factory=list)
+    buffer_keys: list[tuple[int, int]] = field(default_factory=list)  # entries of _buffers it uses
+    guard: Any = None  # see _codec.write_guard
 
     @property
     def name(self) -> str:
         return self.mapping.name
+
+    def unbind(self) -> None:
+        """Its source is gone or changed: hold none of the source's memory."""
+        self.fingerprint = None
+        self.guard = None
+
+
+@dataclass(eq=False)
+class _Buffer:
+    """A buffer of ours copied into a segment: where, and while what lives."""
+
+    owner: Callable[[], Any]  # answers while the memory at that address is those bytes
+    holder: Publication  # whose segment holds the copy
+    offset: int
+    users: int = 0  # live publications that copied it or point at it
 
 
 def _buffer_address(raw: memoryview) -> int:
@@ -121,7 +137,8 @@ class Registry:
         self._lock = threading.RLock()
         self._by_id: dict[int, Publication] = {}
         self._by_name: dict[str, Publication] = {}
-        self._buffers: dict[tuple[int, int], tuple[Callable[[], Any], Publication, int]] = {}
+        self._buffers: dict[tuple[int, int], _Buffer] = {}  # by (address, size)
+        self._buffer_keys: list[tuple[int, int]] = []  # the same keys, sorted
         self._ranges: list[tuple[int, int, Publication]] = []  # (start, end, pub), sorted
         self._shared_ids: set[int] = set()  # objects returned by share(): sent as handles by any pickler
         self._waiting: set[Publication] = set()
@@ -162,17 +179,19 @@ class Registry:
                 self._board = _leases.Board(self.pid)
             layout, buffers = _codec.encode(obj, cloudpickle_fallback)
             raws = [buf.raw() for buf in buffers]
-            refs, new, depends = [], [], []
+            refs, new, depends, found_private = [], [], [], []
             for raw in raws:
                 found = self._locate(raw)
                 if found is None:
                     refs.append(len(new))
                     new.append(raw)
                 else:
-                    owner, (name, offset) = found
-                    refs.append((name, offset, raw.nbytes))
-                    if owner not in depends:
-                        depends.append(owner)
+                    holder, offset, private = found
+                    refs.append((holder.name, offset, raw.nbytes))
+                    if holder not in depends:
+                        depends.append(holder)
+                    if private:
+                        found_private.append((raw, holder, offset))
             mapping, placed = _publication.write(layout, new, refs, self.pid)
             pub = Publication(mapping, sum(r.nbytes for r in raws), depends, _codec.fingerprint(obj))
             for dep in depends:
@@ -181,10 +200,17 @@ class Registry:
             self.counters["publications"] += 1
             self.counters["bytes_copied"] += copied
             self.counters["bytes_reused"] += pub.nbytes - copied
-            self._remember_buffers(pub, new, placed)
+            for raw, (_, offset, _) in zip(new, placed):
+                self._remember(pub, raw, pub, offset)
+            for raw, holder, offset in found_private:
+                # Found again through this publication too: the next one
+                # (after another in-place write) finds it while this lives.
+                self._remember(pub, raw, holder, offset)
             self._by_name[pub.name] = pub
             self._add_range(pub)
             self._bind(pub, obj)
+            pub.shared = id(obj) in self._shared_ids  # a share()d object written in place
+            pub.guard = _codec.write_guard(obj)
             log.debug(
                 "published %s %s as %s: %s copied, %s reused from %d segment(s)",
                 type(obj).__name__, getattr(obj, "shape", ""), pub.name,
@@ -202,30 +228,59 @@ class Registry:
             # obj changed structure: the old publication stays for the tasks
             # that carry it and goes when their leases end.
             previous.source = None
+            previous.unbind()
             self._source_died(previous)
         self._by_id[key] = pub
 
-    def _locate(self, raw: memoryview) -> tuple[Publication, tuple[str, int]] | None:
+    def _locate(self, raw: memoryview) -> tuple[Publication, int, bool] | None:
+        """Which live segment of ours holds ``raw``'s bytes already: the
+        publication, the offset there, and whether it was found as a private
+        buffer (else inside a segment: a share()d object's memory)."""
         address = _buffer_address(raw)
-        entry = self._buffers.get((address, raw.nbytes))
-        if entry is not None:
-            owner_ref, pub, offset = entry
-            if owner_ref() is not None and pub.name in self._by_name:
-                return pub, (pub.name, offset)
+        key = (address, raw.nbytes)
+        # The buffer itself, or one holding it (pandas' Copy-on-Write splits
+        # a block it copies a column of into views of the old block).
+        candidates = [key] if key in self._buffers else []
+        i = bisect.bisect_right(self._buffer_keys, (address, float("inf")))
+        candidates += self._buffer_keys[max(0, i - 4) : i][::-1]
+        for start, size in candidates:
+            entry = self._buffers[(start, size)]
+            if (
+                start <= address
+                and address + raw.nbytes <= start + size
+                and entry.owner() is not None
+                and entry.holder.name in self._by_name
+            ):
+                return entry.holder, entry.offset + address - start, True
         i = bisect.bisect_right(self._ranges, (address, float("inf"))) - 1
         if i >= 0:
             start, end, pub = self._ranges[i]
             if address + raw.nbytes <= end:
-                return pub, (pub.name, address - start)
+                return pub, address - start, False
         return None
 
-    def _remember_buffers(self, pub: Publication, new: list[memoryview], placed) -> None:
-        for raw, (_, offset, _) in zip(new, placed):
-            owner = _memory_owner(raw)
-            if owner is not None and raw.nbytes:
-                key = (_buffer_address(raw), raw.nbytes)
-                self._buffers[key] = (owner, pub, offset)
-                pub.buffer_keys.append(key)
+    def _remember(self, pub: Publication, raw: memoryview, holder: Publication, offset: int) -> None:
+        owner = _memory_owner(raw)
+        if owner is None or not raw.nbytes:
+            return
+        key = (_buffer_address(raw), raw.nbytes)
+        entry = self._buffers.get(key)
+        if entry is None or entry.holder is not holder or entry.offset != offset:
+            if entry is None:
+                bisect.insort(self._buffer_keys, key)
+            entry = self._buffers[key] = _Buffer(owner, holder, offset)
+        entry.users += 1
+        pub.buffer_keys.append(key)
+
+    def _forget_buffers(self, pub: Publication) -> None:
+        for key in pub.buffer_keys:
+            entry = self._buffers.get(key)
+            if entry is not None:
+                entry.users -= 1
+                if entry.users <= 0:
+                    del self._buffers[key]
+                    del self._buffer_keys[bisect.bisect_left(self._buffer_keys, key)]
+        pub.buffer_keys.clear()
 
     def _add_range(self, pub: Publication) -> None:
         start = _buffer_address(pub.mapping.view)
@@ -248,14 +303,21 @@ class Registry:
             self._bind(pub, shared)
             pub.source_alive = True
             pub.shared = True
+            # Its buffers are read-only: pandas must copy before writing.
+            pub.guard = _codec.write_guard(shared)
             self._waiting.discard(pub)
             self._shared_ids.add(id(shared))
             return shared
 
     def shared_publication(self, obj: Any) -> Publication | None:
+        """The publication of an object returned by :meth:`share` (None for
+        any other object), published again if it was written in place."""
         if id(obj) not in self._shared_ids:
             return None
-        return self.find(obj)
+        pub = self._by_id.get(id(obj))
+        if pub is None or pub.source is None or pub.source() is not obj:
+            return None  # an object at a dead one's address
+        return self.find(obj) or self.publish(obj)
 
     # -- leases -----------------------------------------------------------------
 
@@ -327,13 +389,10 @@ class Registry:
                 pub = self._dead.popleft()
                 if pub.source_alive and (pub.source is None or pub.source() is None):
                     pub.source_alive = False
-                    pub.fingerprint = None  # it holds the source's arrays alive
+                    pub.unbind()  # the fingerprint holds the source's arrays alive
                     if self._by_id.get(pub.key) in (None, pub):  # not an id reused by a newer share()
                         self._shared_ids.discard(pub.key)
-                    for key in pub.buffer_keys:
-                        if self._buffers.get(key, (None, None))[1] is pub:
-                            del self._buffers[key]
-                    pub.buffer_keys.clear()
+                    self._forget_buffers(pub)
                     self._waiting.add(pub)
             if self._board is not None and self._board.unreachable():
                 self._board.end_all()  # messages nobody can read any more
@@ -372,9 +431,8 @@ class Registry:
         self._waiting.discard(pub)
         if self._by_id.get(pub.key) is pub:
             del self._by_id[pub.key]
-        for key in pub.buffer_keys:
-            if self._buffers.get(key, (None, None))[1] is pub:
-                del self._buffers[key]
+        pub.unbind()
+        self._forget_buffers(pub)
         self._by_name.pop(pub.name, None)
         self._ranges = [r for r in self._ranges if r[2] is not pub]
         _segment.retire(pub.name)

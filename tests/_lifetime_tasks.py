@@ -67,3 +67,13 @@ def mapped_segments(pid: int) -> list[str]:
     """The sx_ segments process ``pid`` maps now."""
     with open(f"/proc/{pid}/maps") as f:
         return sorted({line.split("/")[-1].split()[0] for line in f if "/sx_" in line})
+
+
+def head(obj):
+    """The first rows of what a task received (a small result)."""
+    return obj.head(4).copy()
+
+
+@sharedexec.shared(min_bytes=1000)
+def shared_head(obj):
+    return head(obj)
