@@ -21,11 +21,16 @@ Once the worker has mapped it, the kernel's flock says who still needs it
 
 A message can be pickled and never delivered: ``Pool.terminate()`` (leaving
 ``with Pool()``, Ctrl-C) drops the tasks still queued, a broken executor drops
-its call queue. Nobody clears those slots. Every pool worker -- ``Pool``,
-``concurrent.futures``, loky -- is a multiprocessing child of the publisher,
-so once no child of ours is alive and no lease was taken for a grace period,
-no process can read a queued message any more: :meth:`Board.unreachable`, and
-the registry then ends every lease on the board.
+its call queue. Nobody clears those slots. Two ways end them:
+
+* each lease remembers the thread that pickled it -- a pool's own thread (a
+  ``Pool``'s task handler, an executor's queue feeder) -- and the pools'
+  terminations end that thread's leases once its workers are gone
+  (:func:`end_pickled_by`, hooked in by ``_sharing.install_hooks``);
+* whatever the pool: every pool worker is a multiprocessing child of the
+  publisher, so once no child of ours is alive and no lease was taken for a
+  grace period, no process can read a queued message any more
+  (:meth:`Board.unreachable`), and the registry ends every lease on the board.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -44,6 +50,9 @@ NO_SLOT = -1
 # Leases younger than this may belong to a message being handed to a process
 # that is starting (``Process.start`` pickles before the child is a child).
 GRACE_SECONDS = 1.0
+# A thread's list of tokens is pruned of ended ones when it grows past this.
+_PRUNE_AT = 4096
+_boards: weakref.WeakSet[Board] = weakref.WeakSet()
 
 
 class Board:
@@ -65,6 +74,8 @@ class Board:
         self.retired = False
         # take() and end() run in pickling threads and in future callbacks.
         self._lock = threading.Lock()
+        self._by_thread: dict[threading.Thread, list[int]] = {}  # tokens by pickling thread
+        _boards.add(self)
 
     @property
     def name(self) -> str:
@@ -87,17 +98,40 @@ class Board:
                 slot = pos - base
                 self._cursor = slot + 1
                 self._generations[slot] += 1
-                return slot << 8 | self._mark, int(self._generations[slot]) << 32 | slot
+                token = int(self._generations[slot]) << 32 | slot
+                self._note_thread(token)
+                return slot << 8 | self._mark, token
         return NO_SLOT, NO_SLOT
+
+    def _note_thread(self, token: int) -> None:
+        tokens = self._by_thread.setdefault(threading.current_thread(), [])
+        tokens.append(token)
+        if len(tokens) > _PRUNE_AT:
+            for thread, held in list(self._by_thread.items()):
+                held[:] = [t for t in held if self._holds(t)]
+                if not held and not thread.is_alive():
+                    del self._by_thread[thread]
+
+    def _holds(self, token: int) -> bool:
+        slot = token & 0xFFFFFFFF
+        return self._generations[slot] == token >> 32 and self._mm[_segment.ALIGN + slot] != 0
 
     def held(self, slot: int) -> bool:
         return self._mm[_segment.ALIGN + slot] != 0
 
     def end(self, token: int) -> None:
-        slot, generation = token & 0xFFFFFFFF, token >> 32
         with self._lock:
-            if not self.retired and self._generations[slot] == generation:
-                self._mm[_segment.ALIGN + slot] = 0
+            self._end(token)
+
+    def _end(self, token: int) -> None:
+        slot, generation = token & 0xFFFFFFFF, token >> 32
+        if not self.retired and self._generations[slot] == generation:
+            self._mm[_segment.ALIGN + slot] = 0
+
+    def end_thread(self, thread: threading.Thread) -> None:
+        with self._lock:
+            for token in self._by_thread.pop(thread, []):
+                self._end(token)
 
     def unreachable(self) -> bool:
         """Whether no process can read a message pickled so far: no lease
@@ -107,6 +141,7 @@ class Board:
     def end_all(self) -> None:
         with self._lock:
             self._mm[_segment.ALIGN : _segment.ALIGN + BOARD_SLOTS] = bytes(BOARD_SLOTS)
+            self._by_thread.clear()
 
     def retire(self) -> None:
         with self._lock:
@@ -151,6 +186,14 @@ def end_leases(leases: list[tuple[Board, int]]) -> None:
     for board, token in leases:
         if token != NO_SLOT:
             board.end(token)
+
+
+def end_pickled_by(thread: threading.Thread | None) -> None:
+    """End the leases of the messages ``thread`` pickled: its pool has
+    terminated, and no worker of it will read them."""
+    if thread is not None:
+        for board in list(_boards):
+            board.end_thread(thread)
 
 
 def clear(board: memoryview, lease: int) -> None:

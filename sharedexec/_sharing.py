@@ -37,7 +37,11 @@ its thread and the hooked ``dump`` pickles that one message in *result mode*.
 
 from __future__ import annotations
 
+import concurrent.futures.process
+import functools
+import inspect
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import threading
@@ -47,7 +51,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from . import _cache, _codec, _names, _reaper, _registry, _segment, _worker
+from . import _cache, _codec, _leases, _names, _reaper, _registry, _segment, _worker
 from ._errors import SharedExecWarning, SharedMemoryFullError
 
 MMAP_MODES = ("r", "c")
@@ -221,15 +225,46 @@ _install_lock = threading.Lock()
 _installed = False
 
 
+def _end_leases_after(cls: type, name: str, pickling_thread: Callable[[inspect.BoundArguments], Any]) -> None:
+    """Make ``cls.name`` -- a pool's termination -- end the leases of the
+    messages its pickling thread sent, which no worker will read now."""
+    original = cls.__dict__[name]
+    function = original.__func__ if isinstance(original, classmethod) else original
+    if getattr(function, "__sharedexec__", False):
+        return
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def terminate(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        finally:
+            _leases.end_pickled_by(pickling_thread(signature.bind(*args, **kwargs)))
+
+    terminate.__sharedexec__ = True
+    setattr(cls, name, classmethod(terminate) if isinstance(original, classmethod) else terminate)
+
+
+def _call_queue_feeder(bound: inspect.BoundArguments) -> Any:
+    return getattr(bound.arguments["self"].call_queue, "_thread", None)
+
+
 def install_hooks() -> None:
-    """Hook the picklers of multiprocessing and of joblib's loky. Idempotent."""
+    """Hook the picklers of multiprocessing and of joblib's loky, and their
+    pools' terminations. Idempotent."""
     global _installed
     from multiprocessing.reduction import ForkingPickler
 
+    from joblib.externals.loky import process_executor as loky_executor
     from joblib.externals.loky.backend import reduction as loky_reduction
 
     with _install_lock:
         _installed = True
+        # Messages pickled but never delivered (see _leases): a Pool's task
+        # handler pickles its tasks, an executor's queue feeder its call items.
+        _end_leases_after(multiprocessing.pool.Pool, "_terminate_pool", lambda b: b.arguments["task_handler"])
+        _end_leases_after(concurrent.futures.process._ExecutorManagerThread, "terminate_broken", _call_queue_feeder)
+        _end_leases_after(loky_executor._ExecutorManagerThread, "terminate_broken", _call_queue_feeder)
         for cls in (ForkingPickler, loky_reduction.get_loky_pickler()):
             current = getattr(cls, "reducer_override", None)
             if not getattr(current, "__sharedexec__", False):

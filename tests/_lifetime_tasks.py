@@ -77,3 +77,28 @@ def head(obj):
 @sharedexec.shared(min_bytes=1000)
 def shared_head(obj):
     return head(obj)
+
+
+def touch_all(df: pd.DataFrame):
+    """Read every page of the frame; say which worker did."""
+    return float(df.to_numpy().sum()), os.getpid()
+
+
+try:
+    from sklearn.base import BaseEstimator, RegressorMixin
+except ImportError:  # scikit-learn is a test extra
+    BaseEstimator = RegressorMixin = object
+
+
+class PidEstimator(RegressorMixin, BaseEstimator):
+    """An estimator whose score is the pid of the worker that ran it."""
+
+    def __init__(self, shift: float = 0.0):
+        self.shift = shift
+
+    def fit(self, X, y):
+        self.total_ = float(X.to_numpy().sum()) + self.shift
+        return self
+
+    def score(self, X, y):
+        return float(os.getpid())

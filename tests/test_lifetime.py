@@ -46,6 +46,14 @@ def df():
     return make_frame(60_000)
 
 
+@pytest.fixture
+def other_children():
+    """Child processes of ours that are no worker of the pool under test
+    (loky's reusable workers): the pool's own end must free its leases."""
+    joblib.Parallel(n_jobs=2)(joblib.delayed(len)([k]) for k in range(4))
+    assert multiprocessing.active_children()
+
+
 def started_files(tmp_path, count: int = 1):
     return lambda: len(glob.glob(str(tmp_path / "started.*"))) >= count
 
@@ -74,7 +82,7 @@ def test_after_pool_close_join(mp_context, df):
     assert_memory_comes_back()
 
 
-def test_after_leaving_with_pool_with_tasks_dropped(tmp_path, df):
+def test_after_leaving_with_pool_with_tasks_dropped(tmp_path, df, other_children):
     """``with Pool()`` ends by terminate(): tasks still queued are dropped,
     pickled and leased but never delivered (a lifetime defect of issue 13)."""
     started, release = str(tmp_path / "started"), str(tmp_path / "release")
@@ -86,7 +94,7 @@ def test_after_leaving_with_pool_with_tasks_dropped(tmp_path, df):
         assert pool.apply(tasks.shared_checksum, ((df, None),)) == checksum(df)
 
 
-def test_after_broken_stdlib_executor_with_shared(tmp_path, df):
+def test_after_broken_stdlib_executor_with_shared(tmp_path, df, other_children):
     """BrokenProcessPool under the stdlib executor with ``@shared``: the call
     items in its queue were pickled (leased) and are never read."""
     started, release = str(tmp_path / "started"), str(tmp_path / "release")
@@ -106,7 +114,7 @@ def test_after_broken_stdlib_executor_with_shared(tmp_path, df):
         assert ex.submit(tasks.shared_checksum, (df, None)).result() == checksum(df)
 
 
-def test_dropped_tasks_do_not_keep_a_dead_frame(tmp_path):
+def test_dropped_tasks_do_not_keep_a_dead_frame(tmp_path, other_children):
     """The defect as filed: terminate() dropped tasks, the frame is deleted,
     and its segment stayed until exit."""
     df = make_frame(60_000)
@@ -286,3 +294,44 @@ def test_loky_memory_guard_ignores_shared_pages():
             pids += joblib.Parallel()(joblib.delayed(tasks.loky_guard_touch)(df, False) for _ in range(8))
     assert not [w for w in caught if "memory leak" in str(w.message)]
     assert set(pids[2:]) <= set(pids[:2]) and len(set(pids)) <= 2
+
+
+def large_frame(megabytes: int) -> pd.DataFrame:
+    rows = megabytes * 10**6 // 8 // 10
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({f"c{k}": rng.random(rows) for k in range(10)})
+
+
+def loky_complaints(caught) -> list[str]:
+    return [str(w.message) for w in caught if "memory leak" in str(w.message) or "worker stopped" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_no_loky_restart_over_a_400_mb_frame():
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True)  # workers whose guard starts now
+    df = large_frame(400)
+    with warnings.catch_warnings(record=True) as caught, joblib.parallel_config(backend="sharedexec", n_jobs=2):
+        warnings.simplefilter("always")
+        results = joblib.Parallel()(joblib.delayed(tasks.touch_all)(df) for _ in range(20))
+    assert loky_complaints(caught) == []
+    assert len({pid for _, pid in results}) <= 2
+
+
+@pytest.mark.slow
+def test_grid_search_keeps_its_two_workers_on_a_300_mb_frame():
+    sklearn = pytest.importorskip("sklearn")
+    from joblib.externals.loky import get_reusable_executor
+    from sklearn.model_selection import GridSearchCV
+
+    get_reusable_executor().shutdown(wait=True)
+    X = large_frame(300)
+    y = pd.Series(np.arange(len(X), dtype=float))
+    search = GridSearchCV(tasks.PidEstimator(), {"shift": [0.0, 1.0, 2.0, 3.0, 4.0]}, cv=2, n_jobs=2)
+    with warnings.catch_warnings(record=True) as caught, joblib.parallel_config(backend="sharedexec"):
+        warnings.simplefilter("always")
+        search.fit(X, y)
+    assert loky_complaints(caught) == []
+    pids = {int(p) for k in ("split0_test_score", "split1_test_score") for p in search.cv_results_[k]}
+    assert len(pids) == 2, (sklearn.__version__, pids)

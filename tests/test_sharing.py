@@ -118,7 +118,7 @@ def test_large_result_comes_back_writable_and_unlinked(mp_context, no_leaks):
     with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context) as ex:
         before = owned_segments()
         result = ex.submit(tasks.make_frame, 500_000).result()
-        assert owned_segments() == before  # claimed and unlinked at once
+        assert not set(owned_segments()) - set(before)  # claimed and unlinked at once
     assert all(blk.values.flags.writeable for blk in result._mgr.blocks)
     result.iloc[0, 0] = -1.0
     assert result.iloc[0, 0] == -1.0 and result["x"].iloc[1] == 1.0
