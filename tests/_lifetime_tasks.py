@@ -79,9 +79,11 @@ def shared_head(obj):
     return head(obj)
 
 
-def touch_all(df: pd.DataFrame):
-    """Read every page of the frame; say which worker did."""
-    return float(df.to_numpy().sum()), os.getpid()
+def touch_columns(df: pd.DataFrame, k: int, seconds: float = 0.0):
+    """Read every page of the first ``k`` columns, take ``seconds``; say
+    which worker did."""
+    time.sleep(seconds)
+    return float(df.iloc[:, :k].to_numpy().sum()), os.getpid()
 
 
 try:

@@ -314,7 +314,12 @@ def test_no_loky_restart_over_a_400_mb_frame():
     df = large_frame(400)
     with warnings.catch_warnings(record=True) as caught, joblib.parallel_config(backend="sharedexec", n_jobs=2):
         warnings.simplefilter("always")
-        results = joblib.Parallel()(joblib.delayed(tasks.touch_all)(df) for _ in range(20))
+        # A worker's first task reads one column, the next ones all ten: its
+        # resident shared pages grow by 360 MB past the first task, beyond
+        # loky's 300 MB guard, which looks once a second between tasks.
+        results = joblib.Parallel(batch_size=1)(
+            joblib.delayed(tasks.touch_columns)(df, 1 if k < 2 else 10, 0.25) for k in range(20)
+        )
     assert loky_complaints(caught) == []
     assert len({pid for _, pid in results}) <= 2
 
