@@ -6,7 +6,8 @@ in the worker, unpickling the handle (a cache hit and a shallow task view);
 and once per worker, the first attach (map, check, decode). Issue 14 added an
 owner/mode check and an HMAC tag to the attach and a 16-byte key to the
 handle; issue 13 a shared flock per mapping and a write guard per
-publication. This script measures all three, the parent's side in this
+publication. This script measures all three -- the parent's side for a
+``share()``d frame and for a frame an executor's (armed) pickler sends -- in this
 process and the worker's in one forked worker (no pool scheduling noise), so
 that the same script run against two versions gives their ratio:
 
@@ -29,6 +30,7 @@ import pandas as pd
 
 import sharedexec
 from sharedexec import _cache
+from sharedexec._sharing import Options, SharedTask
 
 
 def frame(rows: int, columns: int) -> pd.DataFrame:
@@ -71,9 +73,12 @@ def main() -> None:
     args = p.parse_args()
     shared = sharedexec.share(frame(args.rows, args.columns))
     payload = bytes(ForkingPickler.dumps(shared))
+    plain = frame(args.rows, args.columns)  # sent by the executors' armed pickler
+    task = SharedTask(len, Options())
     figures = {
         "handle_bytes": len(payload),
         "parent_per_task_s": median_seconds(lambda: ForkingPickler.dumps(shared), args.repeat),
+        "parent_per_task_armed_s": median_seconds(lambda: ForkingPickler.dumps((task, (plain,))), args.repeat),
     }
     with multiprocessing.get_context("fork").Pool(1) as pool:
         figures.update(pool.apply(worker_figures, (payload, args.repeat)))

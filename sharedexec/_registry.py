@@ -394,7 +394,8 @@ class Registry:
                         self._shared_ids.discard(pub.key)
                     self._forget_buffers(pub)
                     self._waiting.add(pub)
-            if self._board is not None and self._board.unreachable():
+            leased = self._board is not None and any(pub.slots for pub in self._by_name.values())
+            if leased and self._board.unreachable():
                 self._board.end_all()  # messages nobody can read any more
             for pub in list(self._waiting):
                 if self._unleased(pub):
