@@ -19,14 +19,20 @@ Each task receives the object shared (``min_bytes=0``: everything is) and the
 bytes the stdlib's pickler makes of it -- exactly what a stdlib worker would
 unpickle (loky's pickler for joblib) -- and compares the two in the worker with
 ``tests._exact.assert_identical``: values, element types, tz, sign of zero,
-order, dtype, flags (a read-only array where the stdlib's is writable only
-with ``mmap_mode="r"``), attrs, metadata. Then it writes into its object every
-way it can; the same object goes to the same worker again (one worker; joblib
-sends three tasks to its two), which must see it unchanged.
+order, dtype, flags (``writeable`` may differ only as the sharing mode says:
+read-only with ``mmap_mode="r"``, writable with ``"c"``), attrs, metadata.
+Then it writes into its object every way it can; the same object goes to the
+same worker again (one worker; joblib sends three tasks to its two), which
+must see it unchanged.
 
-One warm pool per entry point and start method; many objects per example.
-The CI profile (``tests/conftest.py``) is small and derandomized; run
-``pytest tests/test_exactness.py --hypothesis-profile=long`` for a long run.
+The stdlib's bytes are pickled with protocol 5, the default of the stdlib's
+pickler from Python 3.14 and loky's: under protocol 4 (3.11 to 3.13) numpy
+sends big-endian arrays in native byte order and read-only arrays writable.
+
+One warm pool per entry point and start method; 1 to 6 objects per example.
+The CI profile (``tests/conftest.py``: 12 examples per pool, derandomized,
+no shrinking) takes about 30 s; ``pytest tests/test_exactness.py
+--hypothesis-profile=long`` (600 per pool, about 10 minutes) explores.
 """
 
 from __future__ import annotations
