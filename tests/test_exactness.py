@@ -32,7 +32,8 @@ sends big-endian arrays in native byte order and read-only arrays writable.
 One warm pool per entry point and start method; 1 to 6 objects per example.
 The CI profile (``tests/conftest.py``: 12 examples per pool, derandomized,
 no shrinking) takes about 30 s; ``pytest tests/test_exactness.py
---hypothesis-profile=long`` (600 per pool, about 10 minutes) explores.
+--hypothesis-profile=long`` (600 per pool: 7,800 examples in about 6 minutes
+here) explores.
 """
 
 from __future__ import annotations
