@@ -183,7 +183,16 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
     elif arr.flags.f_contiguous:
         order = "F"  # pandas' 2-D blocks are column-major: keep them as they are
     else:
-        arr, order = np.ascontiguousarray(arr), "C"
+        span = _span(arr)
+        if enc.in_shared(*span):
+            # A slice (rows of a 2-D block) of memory already in shared
+            # memory: name the bytes it spans and rebuild the same view.
+            low, nbytes = span
+            raw = np.asarray(_Memory(arr, low, nbytes))
+            offset = arr.__array_interface__["data"][0] - low
+            return _rebuild_strided, (enc.out_of_band(raw), arr.dtype, arr.shape, arr.strides, offset)
+        arr, order = np.ascontiguousarray(arr), "C"  # only the slice's own bytes
+        enc.copies.add((arr.__array_interface__["data"][0], arr.nbytes))
     # A uint8 view: the buffer protocol refuses datetime64/timedelta64, and
     # this keeps the exact bytes of any dtype, big-endian included.
     raw = arr.ravel(order="K").view(np.uint8)
@@ -249,6 +258,40 @@ def _reduce_in_band(arr: np.ndarray, enc: _Encoder):
     return _rebuild_in_band, (arr,)
 
 
+def _span(arr: np.ndarray) -> tuple[int, int]:
+    """The address and size of the bytes from ``arr``'s lowest element to
+    the end of its highest (strides may be negative)."""
+    start = arr.__array_interface__["data"][0]
+    low = start + sum((n - 1) * s for n, s in zip(arr.shape, arr.strides) if s < 0)
+    high = start + sum((n - 1) * s for n, s in zip(arr.shape, arr.strides) if s > 0) + arr.itemsize
+    return low, high - low
+
+
+class _Memory:
+    """Bytes of another array's memory as a uint8 array (keeps it alive)."""
+
+    def __init__(self, owner: np.ndarray, address: int, nbytes: int) -> None:
+        self.owner = owner
+        self.__array_interface__ = {"data": (address, True), "shape": (nbytes,), "typestr": "|u1", "version": 3}
+
+
+def _reduce_arrow_array(arr, enc: _Encoder):
+    """pyarrow pickles a slice with its parent's whole buffers (and the
+    slice's offset and length): right when they are in shared memory already
+    (nothing is copied), but a partition of a frame never shared would copy
+    each column once per piece. A slice of memory not shared yet goes as a
+    compact copy of its own values."""
+    buffers = [buf for buf in arr.buffers() if buf is not None and buf.size]
+    # (nbytes leaves out an offset and bitmap rounding: a few bytes a buffer)
+    if arr.get_total_buffer_size() - arr.nbytes <= 64 * len(buffers) or all(
+        enc.in_shared(buf.address, buf.size) for buf in buffers
+    ):
+        return NotImplemented
+    compact = pa.concat_arrays([arr])
+    enc.copies.update((buf.address, buf.size) for buf in compact.buffers() if buf is not None)
+    return _same, (compact,)
+
+
 def _reduce_arrow_buffer(buf, enc: _Encoder):
     # pyarrow pickles every array down to its pa.Buffer objects, and those to
     # PickleBuffers: taking them here puts them in the same numbered list.
@@ -282,7 +325,7 @@ _HANDLERS: list[tuple[type, Callable]] = [
     (BaseMaskedArray, _reduce_masked),
 ]
 if pa is not None:
-    _HANDLERS += [(ArrowExtensionArray, _reduce_arrow_backed), (pa.Buffer, _reduce_arrow_buffer)]
+    _HANDLERS += [(ArrowExtensionArray, _reduce_arrow_backed), (pa.Array, _reduce_arrow_array), (pa.Buffer, _reduce_arrow_buffer)]
 
 _handler_cache: dict[type, Callable | None] = {}
 
@@ -312,8 +355,12 @@ class _Encoder(pickle.Pickler):
     numbering, a decoded array is exactly as writable as ``views`` are.
     PickleBuffers of objects we do not reduce go in-band."""
 
-    def __init__(self, file: io.BytesIO) -> None:
+    def __init__(
+        self, file: io.BytesIO, in_shared: Callable[[int, int], bool] | None = None, copies: set | None = None
+    ) -> None:
         super().__init__(file, protocol=PROTOCOL)
+        self.in_shared = in_shared or _nowhere
+        self.copies = set() if copies is None else copies  # (address, nbytes) of copies made here
         self.buffers: list[pickle.PickleBuffer] = []
         self._numbers: dict[tuple[int, int], int] = {}
         self.in_band: set[int] = set()  # ids of arrays numpy reduces itself
@@ -354,14 +401,29 @@ class _CloudEncoder(_Encoder, cloudpickle.Pickler):
         return cloudpickle.Pickler.reducer_override(self, obj)
 
 
+def _nowhere(address: int, nbytes: int) -> bool:
+    return False
+
+
 class UnencodableError(SharedExecError, pickle.PicklingError):
     """The pickler of the layout refused part of the object: it cannot be
     shared, and goes by the pool's own pickling instead."""
 
 
-def encode(obj: Any, cloudpickle_fallback: bool = False) -> tuple[bytes, list[pickle.PickleBuffer]]:
+def encode(
+    obj: Any,
+    cloudpickle_fallback: bool = False,
+    in_shared: Callable[[int, int], bool] | None = None,
+    copies: set[tuple[int, int]] | None = None,
+) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """``obj`` as (layout, out-of-band buffers). The buffers are views of
     ``obj``'s own memory (or of a contiguous copy, for strided arrays).
+
+    ``in_shared(address, nbytes)`` says whether memory is in shared memory
+    already: a slice of such memory (strided rows of a 2-D block, an Arrow
+    slice) is sent as the bytes it spans, to be found there and not copied;
+    a slice of other memory as a compact copy of its own values only, whose
+    ``(address, nbytes)`` go into ``copies``: memory nothing else points at.
 
     The layout is written with plain pickle, or -- when that fails and
     ``cloudpickle_fallback`` says the pool pickles with cloudpickle (loky) --
@@ -369,7 +431,7 @@ def encode(obj: Any, cloudpickle_fallback: bool = False) -> tuple[bytes, list[pi
     encoders = (_Encoder, _CloudEncoder) if cloudpickle_fallback else (_Encoder,)
     for encoder_cls in encoders:
         stream = io.BytesIO()
-        encoder = encoder_cls(stream)
+        encoder = encoder_cls(stream, in_shared, copies)
         try:
             encoder.dump(obj)
         except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
@@ -510,6 +572,10 @@ def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str) -> n
             flat = flat.copy()  # see _shared_memory
         aliased.add(index)  # the next array over this memory copies it
     return flat.reshape(shape, order=order)
+
+
+def _rebuild_strided(index: int, dtype: np.dtype, shape: tuple, strides: tuple, offset: int) -> np.ndarray:
+    return np.ndarray(shape, dtype=dtype, buffer=_view(index), offset=offset, strides=strides)
 
 
 def _rebuild_arrow_buffer(index: int):

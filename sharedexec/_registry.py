@@ -16,7 +16,8 @@ Copy only what is new
     segment this process created is remembered by address range. A derived
     frame (``df.assign(x=...)``, a subset of columns, an object returned by
     :func:`sharedexec.share`) then points at those bytes instead of copying
-    them again.
+    them again; so does a slice of them (``df.iloc[a:b]``: ``_codec.encode``
+    asks ``_in_shared`` before it compacts strided rows or an Arrow slice).
 
 Lifetime
     A segment is needed while a task that carries its handle may still map
@@ -177,7 +178,8 @@ class Registry:
             _reaper.watch(_names.shm_dir())
             if self._board is None:  # first, so that a full directory fails here, not in lease()
                 self._board = _leases.Board(self.pid)
-            layout, buffers = _codec.encode(obj, cloudpickle_fallback)
+            copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
+            layout, buffers = _codec.encode(obj, cloudpickle_fallback, self._in_shared, copies)
             raws = [buf.raw() for buf in buffers]
             refs, new, depends, found_private = [], [], [], []
             for raw in raws:
@@ -201,7 +203,8 @@ class Registry:
             self.counters["bytes_copied"] += copied
             self.counters["bytes_reused"] += pub.nbytes - copied
             for raw, (_, offset, _) in zip(new, placed):
-                self._remember(pub, raw, pub, offset)
+                if (_buffer_address(raw), raw.nbytes) not in copies:
+                    self._remember(pub, raw, pub, offset)
             for raw, holder, offset in found_private:
                 # Found again through this publication too: the next one
                 # (after another in-place write) finds it while this lives.
@@ -233,11 +236,18 @@ class Registry:
         self._by_id[key] = pub
 
     def _locate(self, raw: memoryview) -> tuple[Publication, int, bool] | None:
-        """Which live segment of ours holds ``raw``'s bytes already: the
+        return self._find(_buffer_address(raw), raw.nbytes)
+
+    def _in_shared(self, address: int, nbytes: int) -> bool:
+        # For _codec.encode: a slice of these bytes (strided rows, an Arrow
+        # slice) is sent as the span it covers, found here, not compacted.
+        return self._find(address, nbytes) is not None
+
+    def _find(self, address: int, nbytes: int) -> tuple[Publication, int, bool] | None:
+        """Which live segment of ours holds these bytes already: the
         publication, the offset there, and whether it was found as a private
         buffer (else inside a segment: a share()d object's memory)."""
-        address = _buffer_address(raw)
-        key = (address, raw.nbytes)
+        key = (address, nbytes)
         # The buffer itself, or one holding it (pandas' Copy-on-Write splits
         # a block it copies a column of into views of the old block).
         candidates = [key] if key in self._buffers else []
@@ -247,7 +257,7 @@ class Registry:
             entry = self._buffers[(start, size)]
             if (
                 start <= address
-                and address + raw.nbytes <= start + size
+                and address + nbytes <= start + size
                 and entry.owner() is not None
                 and entry.holder.name in self._by_name
             ):
@@ -255,7 +265,7 @@ class Registry:
         i = bisect.bisect_right(self._ranges, (address, float("inf"))) - 1
         if i >= 0:
             start, end, pub = self._ranges[i]
-            if address + raw.nbytes <= end:
+            if address + nbytes <= end:
                 return pub, address - start, False
         return None
 

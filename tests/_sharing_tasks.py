@@ -167,3 +167,8 @@ def write_everywhere(df):
     df.loc[0, "s"] = "changed"
     df.replace({"b": 1}, {"b": -1}, inplace=True)
     return seen
+
+
+def itself(obj):
+    """What the worker received, sent back."""
+    return obj

@@ -1,0 +1,199 @@
+"""Slices travel as views (issue 15).
+
+A slice -- rows, columns or both; ``iloc``, ``loc`` on a sorted index,
+``head``/``tail``, a Series slice, an Arrow slice -- of anything already in a
+segment (an object returned by ``share()``, or one published for an earlier
+task) names the bytes it needs in that segment: nothing is copied. A slice of
+a frame never published copies its own bytes only (for Arrow strings: its part
+of the value buffer, not the whole column), so a partition copies at most the
+frame once. What the worker rebuilds is exactly the slice.
+"""
+
+from __future__ import annotations
+
+import pickle
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sharedexec
+from sharedexec import _codec, _registry, _segment
+from sharedexec._sharing import Options, SharedTask, install_hooks
+
+from . import _exact as exact
+from . import _sharing_tasks as tasks
+
+pa = pytest.importorskip("pyarrow")
+install_hooks()
+
+ROWS = 40_000
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private registry, as the reducer's (whatever a test leaves is unlinked)."""
+    reg = _registry.Registry()
+    monkeypatch.setattr(_registry, "REGISTRY", reg)
+    yield reg
+    for name in [*reg._by_name, *([reg._board.name] if reg._board else [])]:
+        _segment.retire(name)
+
+
+def numpy_frame(rows: int = ROWS) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {"f": rng.random(rows), "g": rng.random(rows), "i": rng.integers(0, 9, rows), "t": pd.date_range("2020", periods=rows, freq="s")},
+        index=pd.RangeIndex(0, 2 * rows, 2),
+    )
+
+
+def extension_frame(rows: int = ROWS) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({
+        "n": pd.array(rng.integers(0, 9, rows), dtype="Int64"),
+        "tz": pd.date_range("2020", periods=rows, freq="min", tz="Europe/Paris"),
+        "c": pd.Categorical(rng.integers(0, 5, rows)),
+        "b": pd.array(rng.integers(0, 2, rows) == 1, dtype="boolean"),
+    })
+
+
+def arrow_frame(rows: int = ROWS) -> pd.DataFrame:
+    rng = np.random.default_rng(2)
+    words = [f"word-{v:07d}" for v in rng.integers(0, 10**7, rows)]
+    return pd.DataFrame({
+        "s": pd.array(words, dtype=pd.StringDtype("pyarrow", na_value=np.nan)),
+        "l": pd.array([[int(v), 1] for v in rng.integers(0, 9, rows)], dtype=pd.ArrowDtype(pa.list_(pa.int64()))),
+        "x": rng.random(rows),
+    })
+
+
+FRAMES = {"numpy": numpy_frame, "extension": extension_frame, "arrow": arrow_frame}
+
+SLICES: dict[str, Callable[[pd.DataFrame], Any]] = {
+    "iloc-rows": lambda df: df.iloc[1000:13000],
+    "loc-sorted-index": lambda df: df.loc[df.index[2000] : df.index[9000]],
+    "head-view": lambda df: df[:5000],
+    "tail-view": lambda df: df.iloc[-7000:],
+    "columns": lambda df: df[[df.columns[0], df.columns[2]]],
+    "rows-and-columns": lambda df: df.iloc[3000:20000, [1, 2]],
+    "series-slice": lambda df: df[df.columns[0]].iloc[500:30000],
+}
+# pandas >= 3.1's head() and tail() return copies (``self.iloc[:n].copy()``):
+# new frames, sent like any other, copying their own bytes once.
+COPIES: dict[str, Callable[[pd.DataFrame], Any]] = {"head": lambda df: df.head(5000), "tail": lambda df: df.tail(7000)}
+
+
+def send(obj: Any) -> Any:
+    """``obj`` pickled into a task and rebuilt, as a worker would."""
+    payload = ForkingPickler.dumps((SharedTask(tasks.describe, Options(min_bytes=0)), obj))
+    return pickle.loads(payload)[1]
+
+
+def copied(registry: _registry.Registry, obj: Any) -> tuple[int, Any]:
+    """The bytes sending ``obj`` copies into shared memory, and what arrives."""
+    before = registry.counters["bytes_copied"]
+    got = send(obj)
+    return registry.counters["bytes_copied"] - before, got
+
+
+@pytest.mark.parametrize("cut", SLICES.values(), ids=SLICES.keys())
+@pytest.mark.parametrize("make", FRAMES.values(), ids=FRAMES.keys())
+@pytest.mark.parametrize("source", ["shared", "published"])
+def test_a_slice_of_data_already_in_shared_memory_copies_nothing(registry, make, cut, source):
+    frame = make()
+    if source == "shared":
+        frame = registry.share(frame)
+    else:
+        send(frame)  # published for an earlier task; the caller keeps the frame
+    piece = cut(frame)
+    nbytes, got = copied(registry, piece)
+    # A column subset has new labels (pandas takes them): a few bytes, copied.
+    new_labels = piece.columns if piece.ndim == 2 and not piece.columns.equals(frame.columns) else None
+    assert nbytes == 0 or nbytes <= new_labels.nbytes + 3 * 64
+    exact.assert_identical(got, piece, readonly_ok=True)
+
+
+def stdlib(obj: Any) -> Any:
+    """What a stdlib worker receives: a compact copy of a slice (strides and
+    Arrow offsets are how the caller holds it, not what it holds)."""
+    return pickle.loads(ForkingPickler.dumps(obj))
+
+
+ALIGNMENT = 64 * 8  # a segment aligns each buffer to 64 bytes
+
+
+@pytest.mark.parametrize("cut", [*SLICES.values(), *COPIES.values()], ids=[*SLICES, *COPIES])
+@pytest.mark.parametrize("make", FRAMES.values(), ids=FRAMES.keys())
+def test_a_slice_of_a_frame_never_published_copies_its_own_bytes(registry, make, cut):
+    piece = cut(make())
+    nbytes, got = copied(registry, piece)
+    assert 0 < nbytes <= _codec.nbytes(piece) + ALIGNMENT  # its data, not the whole columns
+    exact.assert_identical(got, stdlib(piece), readonly_ok=True)
+
+
+@pytest.mark.parametrize("cut", COPIES.values(), ids=COPIES.keys())
+def test_head_and_tail_of_a_shared_frame_copy_their_own_bytes(registry, cut):
+    piece = cut(registry.share(arrow_frame()))
+    nbytes, got = copied(registry, piece)
+    assert 0 < nbytes <= _codec.nbytes(piece) + ALIGNMENT
+    pd.testing.assert_frame_equal(got, piece, check_exact=True)
+
+
+@pytest.mark.parametrize("make", FRAMES.values(), ids=FRAMES.keys())
+def test_a_partition_copies_the_frame_at_most_once(registry, make):
+    frame = make()
+    edges = np.linspace(0, len(frame), 9, dtype=int)
+    total = 0
+    for a, b in zip(edges, edges[1:]):
+        nbytes, got = copied(registry, frame.iloc[a:b])
+        exact.assert_identical(got, stdlib(frame.iloc[a:b]), readonly_ok=True)
+        total += nbytes
+    assert total <= _codec.nbytes(frame) + 8 * ALIGNMENT
+
+
+@pytest.mark.parametrize("make", [pa.array, pa.chunked_array, lambda v: pa.table({"v": v}), lambda v: pa.record_batch({"v": v})],
+                         ids=["array", "chunked", "table", "batch"])
+def test_arrow_slices_share_buffers_or_copy_their_part(registry, make):
+    values = [f"value-{i:08d}" for i in range(ROWS)]
+    whole = make([values[: ROWS // 2], values[ROWS // 2 :]] if make is pa.chunked_array else values)
+    piece = whole.slice(1000, 5000)
+    nbytes, got = copied(registry, piece)
+    assert 0 < nbytes <= piece.nbytes + ALIGNMENT
+    assert got.equals(piece)  # (a compact copy: offset 0)
+    shared = registry.share(whole)
+    nbytes, got = copied(registry, shared.slice(1000, 5000))
+    assert nbytes == 0 and got.equals(piece)
+
+
+def test_stats_show_no_copy_for_chunks_of_a_shared_frame():
+    shared = sharedexec.share(arrow_frame())
+    before = sharedexec.stats()
+    with sharedexec.ProcessPoolExecutor(2, min_bytes=0) as ex:
+        pieces = [shared.iloc[a : a + 10_000] for a in range(0, ROWS, 10_000)]
+        got = list(ex.map(tasks.columns_of, pieces, [list(shared.columns)] * len(pieces)))
+    after = sharedexec.stats()
+    assert after["bytes_copied"] == before["bytes_copied"]
+    assert after["publications"] - before["publications"] == len(pieces)
+    for result, piece in zip(got, pieces):
+        exact.assert_identical(result, stdlib(piece))
+
+
+def test_workers_receive_slices_exactly(mp_context):
+    index = numpy_frame().index
+    frame = pd.DataFrame({**numpy_frame(), **extension_frame().set_index(index), **arrow_frame().set_index(index)}, index=index)
+    shared = sharedexec.share(frame)
+    pieces = [frame.iloc[5000:17000, ::2], shared.iloc[100:20000], shared.tail(3000), shared["s"].iloc[7:9000]]
+    with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=0) as ex:
+        for piece in pieces:
+            exact.assert_identical(ex.submit(tasks.itself, piece).result(), stdlib(piece))
+
+
+def test_compact_copies_of_slices_are_not_kept_by_the_publisher(registry):
+    frame = arrow_frame()
+    piece = frame.iloc[1000:30000]
+    before = pa.total_allocated_bytes()
+    copied(registry, piece)
+    assert pa.total_allocated_bytes() - before < 64 << 10  # the Arrow copies went once in the segment
