@@ -113,7 +113,7 @@ def test_a_slice_of_data_already_in_shared_memory_copies_nothing(registry, make,
     # A column subset has new labels (pandas takes them): a few bytes, copied.
     new_labels = piece.columns if piece.ndim == 2 and not piece.columns.equals(frame.columns) else None
     assert nbytes == 0 or nbytes <= new_labels.nbytes + 3 * 64
-    exact.assert_identical(got, piece, readonly_ok=True)
+    exact.assert_identical(got, piece, mmap_mode="r")
 
 
 def stdlib(obj: Any) -> Any:
@@ -131,7 +131,7 @@ def test_a_slice_of_a_frame_never_published_copies_its_own_bytes(registry, make,
     piece = cut(make())
     nbytes, got = copied(registry, piece)
     assert 0 < nbytes <= _codec.nbytes(piece) + ALIGNMENT  # its data, not the whole columns
-    exact.assert_identical(got, stdlib(piece), readonly_ok=True)
+    exact.assert_identical(got, stdlib(piece), mmap_mode="r")
 
 
 @pytest.mark.parametrize("cut", COPIES.values(), ids=COPIES.keys())
@@ -149,7 +149,7 @@ def test_a_partition_copies_the_frame_at_most_once(registry, make):
     total = 0
     for a, b in zip(edges, edges[1:]):
         nbytes, got = copied(registry, frame.iloc[a:b])
-        exact.assert_identical(got, stdlib(frame.iloc[a:b]), readonly_ok=True)
+        exact.assert_identical(got, stdlib(frame.iloc[a:b]), mmap_mode="r")
         total += nbytes
     assert total <= _codec.nbytes(frame) + 8 * ALIGNMENT
 
