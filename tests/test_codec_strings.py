@@ -232,7 +232,7 @@ def test_the_parent_keeps_no_copy_of_the_strings(no_leaks):
     frame = big_object_frame()
     pub = _registry.REGISTRY.publish(frame)
     gc.collect()
-    held = [owner() for owner, p, _ in _registry.REGISTRY._buffers.values() if p is pub]
+    held = [entry.owner() for entry in _registry.REGISTRY._buffers.values() if entry.holder is pub]
     # (the Arrow-backed column labels are the frame's own: a few bytes)
     assert held and sum(h.size for h in held if isinstance(h, pa.Buffer)) < 1000
     del frame, pub
