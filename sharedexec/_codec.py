@@ -565,17 +565,22 @@ def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str) -> n
         return np.empty(shape, dtype=dtype, order=order)
     # An empty array too comes from its (empty) view: as writable as the others.
     view = _view(index)
-    flat = np.frombuffer(view, dtype=dtype, count=math.prod(shape))
-    if view.nbytes and not view.readonly:
-        aliased = _decoding.aliased
-        if index in aliased:
-            flat = flat.copy()  # see _shared_memory
-        aliased.add(index)  # the next array over this memory copies it
+    flat = _unaliased(index, view, np.frombuffer(view, dtype=dtype, count=math.prod(shape)))
     return flat.reshape(shape, order=order)
 
 
 def _rebuild_strided(index: int, dtype: np.dtype, shape: tuple, strides: tuple, offset: int) -> np.ndarray:
-    return np.ndarray(shape, dtype=dtype, buffer=_view(index), offset=offset, strides=strides)
+    view = _view(index)
+    return _unaliased(index, view, np.ndarray(shape, dtype=dtype, buffer=view, offset=offset, strides=strides))
+
+
+def _unaliased(index: int, view: memoryview, arr: np.ndarray) -> np.ndarray:
+    if view.nbytes and not view.readonly:
+        aliased = _decoding.aliased
+        if index in aliased:
+            arr = arr.copy()  # see _shared_memory
+        aliased.add(index)  # the next array over this memory copies it
+    return arr
 
 
 def _rebuild_arrow_buffer(index: int):

@@ -89,7 +89,10 @@ class SharedexecShared(SharedexecExecutor):
     key, label, note = "sharedexec-shared", "sharedexec, frame already shared", "chunks of sharedexec.share(df)"
 
     def pieces(self, frame: pd.DataFrame, bounds: Sequence[tuple[int, int]]) -> list[Any]:
-        return super().pieces(_sharedexec("share")[0](frame), bounds)
+        # The shared frame is kept with its pieces: its segment lives as long
+        # as the object share() returned (slices of a dead one are copied).
+        self.shared = _sharedexec("share")[0](frame)
+        return super().pieces(self.shared, bounds)
 
 
 class Joblib(PieceApproach):
@@ -250,6 +253,7 @@ def _measure(result: Result, approach: PieceApproach, task: Any, frame: pd.DataF
             wall = time.perf_counter() - t0
         after = dict(stats()) if stats else {}
         del pieces
+        vars(approach).pop("shared", None)
     result.correct = results == expected
     result.wall_s, result.per_task_s, result.first_s = wall, wall / n, first
     result.peak_extra_bytes, result.final_extra_bytes = meter.peak_extra, meter.final_extra
