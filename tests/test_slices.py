@@ -197,3 +197,11 @@ def test_compact_copies_of_slices_are_not_kept_by_the_publisher(registry):
     before = pa.total_allocated_bytes()
     copied(registry, piece)
     assert pa.total_allocated_bytes() - before < 64 << 10  # the Arrow copies went once in the segment
+
+
+def test_a_slice_under_copy_on_write_mapping_is_private_to_its_task():
+    shared = sharedexec.share(numpy_frame())
+    piece = shared.iloc[100:20000]
+    with sharedexec.ProcessPoolExecutor(1, mmap_mode="c", min_bytes=0) as ex:
+        seen = [ex.submit(tasks.write_first_block, piece).result() for _ in range(3)]
+    assert seen == [float(piece._mgr.blocks[0].values[0, 0])] * 3
