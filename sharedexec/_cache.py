@@ -36,7 +36,10 @@ from typing import Any
 from . import _codec, _leases, _names, _publication, _segment
 from ._errors import SegmentNotFoundError, SegmentNotOursError, SharedExecWarning, SharedMemoryError
 
-_PHYS_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+try:
+    _PHYS_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+except (AttributeError, ValueError, OSError):  # Windows, or a platform without these names
+    _PHYS_BYTES = 8 << 30
 CACHE_ENV = "SHAREDEXEC_WORKER_CACHE_BYTES"
 _SWEEP_SECONDS = 0.5
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
@@ -306,7 +309,7 @@ def remove_orphan_results(owner_pid: int) -> list[str]:
     removed = []
     # Only our own files are opened: another user's files named for our pid
     # cost an lstat each, not an open (a DoS amplifier otherwise).
-    for name, _, _ in _names.iter_segments(mine_only=True, owner=owner_pid):
+    for name in _segment.list_owned_by(owner_pid):
         creator = _segment.creator_of(name)
         if creator is not None and creator != owner_pid and not _names.pid_alive(creator):
             _segment.retire(name)
@@ -336,4 +339,5 @@ def _new_cache_in_child() -> None:
     CACHE = WorkerCache()
 
 
-os.register_at_fork(after_in_child=_new_cache_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_new_cache_in_child)

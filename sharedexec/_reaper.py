@@ -32,28 +32,85 @@ import threading
 
 _SWEEP_DELAYS = (0.0, 1.0, 3.0)
 
+# Results written for another process are pruned from the announced names
+# (those their owner has claimed, i.e. unlinked) once there are this many.
+_PRUNE_AT = 1024
+
 _lock = threading.Lock()
 _pipe_w: int | None = None
 _reaper_pid: int | None = None
 _told_dirs: set[str] = set()
+_own_names: set[str] = set()  # POSIX objects of ours
+_names_for: dict[str, int] = {}  # POSIX objects written for another owner (results)
 
 
-def watch(directory: str) -> None:
-    """Make sure this process has a live reaper that will clean ``directory``.
+def _send(lines: list[str]) -> None:
+    os.write(_pipe_w, "".join(line + "\n" for line in lines).encode())
+
+
+def _ensure() -> bool:
+    """A live reaper (a replaced one is told everything again); whether it
+    is new. Call with ``_lock`` held."""
+    global _pipe_w, _reaper_pid
+    if _pipe_w is not None and not _alive(_reaper_pid):
+        os.close(_pipe_w)
+        _pipe_w = None
+    if _pipe_w is not None:
+        return False
+    _pipe_w, _reaper_pid = _spawn()
+    _send([f"d{d}" for d in sorted(_told_dirs)] + [f"+{n}" for n in sorted(_own_names)]
+          + [f"r{owner} {n}" for n, owner in sorted(_names_for.items())])
+    return True
+
+
+def watch(directory: str | None = None) -> None:
+    """Make sure this process has a live reaper, that will clean
+    ``directory`` (a tmpfs store's) if given.
 
     Called before every publication, so a reaper that was killed (say by a
     ``pkill -f python``) is replaced before the next segment is created."""
-    global _pipe_w, _reaper_pid
     with _lock:
-        if _pipe_w is not None and not _alive(_reaper_pid):
-            os.close(_pipe_w)
-            _pipe_w = None
-        if _pipe_w is not None and directory in _told_dirs:
+        _ensure()
+        if directory is not None and directory not in _told_dirs:
+            _told_dirs.add(directory)
+            _send([f"d{directory}"])
+
+
+def announce(name: str, owner_pid: int) -> None:
+    """A POSIX object is about to be created under ``name``: nothing can list
+    them on macOS, so the reaper is told each name. Ours is unlinked when we
+    die; a result written for ``owner_pid`` once both of us are dead (until
+    then the owner may still claim it)."""
+    with _lock:
+        _ensure()
+        if owner_pid == os.getpid():
+            _own_names.add(name)
+            _send([f"+{name}"])
             return
-        if _pipe_w is None:
-            _pipe_w, _reaper_pid = _spawn()
-        _told_dirs.add(directory)
-        os.write(_pipe_w, "".join(d + "\n" for d in sorted(_told_dirs)).encode())
+        if len(_names_for) >= _PRUNE_AT:
+            _prune_claimed()
+        _names_for[name] = owner_pid
+        _send([f"r{owner_pid} {name}"])
+
+
+def forget(name: str) -> None:
+    """``name`` was unlinked (by us): the reaper may forget it."""
+    with _lock:
+        if name in _own_names or name in _names_for:
+            _own_names.discard(name)
+            _names_for.pop(name, None)
+            if _pipe_w is not None:
+                _send([f"-{name}"])
+
+
+def _prune_claimed() -> None:
+    from ._store import posix_exists
+
+    gone = [name for name in _names_for if not posix_exists(name)]
+    for name in gone:
+        del _names_for[name]
+    if gone:
+        _send([f"-{name}" for name in gone])
 
 
 def watching() -> bool:
@@ -104,27 +161,44 @@ def _forget_in_child() -> None:
         os.close(_pipe_w)
     _pipe_w, _reaper_pid, _lock = None, None, threading.Lock()
     _told_dirs.clear()
+    _own_names.clear()
+    _names_for.clear()
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _main(owner_pid: int) -> None:
     import signal
     import time
 
-    from _names import remove_owned_by
+    from _names import pid_alive, remove_owned_by
+    from _store import posix_exists, remove_posix_if_mine
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     directories: set[str] = set()
+    own: set[str] = set()
+    results: dict[str, int] = {}
     pending = b""
     while True:
-        chunk = os.read(3, 4096)
+        chunk = os.read(3, 65536)
         if not chunk:
             break
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        directories.update(line.decode() for line in lines if line)
+        for line in (raw.decode() for raw in lines if raw):
+            kind, rest = line[0], line[1:]
+            if kind == "d":
+                directories.add(rest)
+            elif kind == "+":
+                own.add(rest)
+            elif kind == "-":
+                own.discard(rest)
+                results.pop(rest, None)
+            elif kind == "r":
+                owner, name = rest.split(" ", 1)
+                results[name] = int(owner)
     start = time.monotonic()
     for delay in _SWEEP_DELAYS:
         time.sleep(max(0.0, start + delay - time.monotonic()))
@@ -133,6 +207,18 @@ def _main(owner_pid: int) -> None:
                 remove_owned_by(owner_pid, directory)  # skips what is not ours, entry by entry
             except Exception:  # noqa: BLE001 - the other directories and sweeps must still run
                 pass
+        for name in own:  # POSIX objects: every name was announced
+            remove_posix_if_mine(name)
+        own.clear()
+    # Results written for another process: it may claim them while it lives.
+    while results:
+        for name, owner in list(results.items()):
+            if not posix_exists(name):  # claimed
+                del results[name]
+            elif not pid_alive(owner):
+                remove_posix_if_mine(name)
+                del results[name]
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ try:
 except ImportError:  # pragma: no cover - the no-pyarrow CI job
     pa = None
 
-from . import _codec, _leases, _names, _publication, _reaper, _segment
+from . import _codec, _leases, _publication, _reaper, _segment
 
 log = logging.getLogger("sharedexec")
 
@@ -175,7 +175,7 @@ class Registry:
                 self.counters["reuse_hits"] += 1
                 return pub
             self._start_collector()
-            _reaper.watch(_names.shm_dir())
+            _segment.prepare_owner()
             if self._board is None:  # first, so that a full directory fails here, not in lease()
                 self._board = _leases.Board(self.pid)
             copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
@@ -463,7 +463,8 @@ class Registry:
             self._by_name.clear()
             self._by_id.clear()
         if _reaper.watching():  # results workers wrote for us, claimed or not
-            _names.remove_owned_by(self.pid)
+            for name in _segment.list_owned_by(self.pid):
+                _segment.retire(name)
 
     def stats(self) -> dict[str, int]:
         self.collect()
@@ -485,7 +486,8 @@ def _new_registry_in_child() -> None:
     REGISTRY = Registry()
 
 
-os.register_at_fork(after_in_child=_new_registry_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_new_registry_in_child)
 
 
 def _release_at_exit() -> None:

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import hmac
 import logging
@@ -84,6 +83,7 @@ import os
 import secrets
 import stat
 import struct
+import sys
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -91,7 +91,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._names import DIR_ENV, is_mine, new_name, owner_of, shm_dir, unlink_path
+try:
+    import fcntl
+except ImportError:  # Windows: no segments there at all (the unshared fallback)
+    fcntl = None
+
+from . import _names, _reaper, _store
+from ._names import DIR_ENV, is_mine, new_name, owner_of, shm_dir
 from ._errors import (
     SegmentCorruptError,
     SegmentNotFoundError,
@@ -133,7 +139,8 @@ def _new_key_in_child() -> None:
     _key = None
 
 
-os.register_at_fork(after_in_child=_new_key_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_new_key_in_child)
 
 
 def tag(key: bytes, name: str, header: memoryview | bytes, layout: memoryview | bytes) -> bytes:
@@ -151,14 +158,20 @@ _PARALLEL_COPY_BYTES = 64 << 20
 _COPY_CHUNK = 64 << 20
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+try:
+    _madvise_call = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise_call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError, TypeError):  # Windows: no libc to load by None
+    _madvise_call = None
 
 
 def _madvise(address: int, length: int, advice: int) -> None:
     # Through ctypes, not mmap.madvise: ctypes releases the GIL for the call,
     # so the two filling threads fault their pages in at the same time.
-    _libc.madvise(address, length, advice)  # a failure only means first-touch faults
+    if _madvise_call is not None:
+        _madvise_call(address, length, advice)  # a failure only means first-touch faults
+
+
 _copy_pool: ThreadPoolExecutor | None = None
 _copy_pool_lock = threading.Lock()
 
@@ -181,7 +194,14 @@ def free_bytes(directory: str | None = None) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-def _full_error(nbytes: int, directory: str) -> SharedMemoryFullError:
+def _full_error(nbytes: int, store) -> SharedMemoryFullError:
+    directory = store.directory
+    if directory is None:  # macOS: the VM system's memory
+        return SharedMemoryFullError(
+            errno.ENOSPC,
+            f"cannot create a {format_bytes(nbytes)} shared-memory segment: the system refused the "
+            "memory. Free memory, or share smaller objects.",
+        )
     st = os.statvfs(directory)
     if st.f_files and not st.f_favail:
         # Empty files are enough to fill a tmpfs' inodes, and any user may
@@ -195,13 +215,101 @@ def _full_error(nbytes: int, directory: str) -> SharedMemoryFullError:
         )
     free, total = free_bytes(directory)
     hint = " (Docker's default)" if total <= 64 << 20 else ""
+    where = directory if store.kind == "tmpfs" else f"{directory} (where {store.where} lives)"
+    also = f", or set {DIR_ENV} to a directory on a larger file system" if store.kind == "tmpfs" else ""
     return SharedMemoryFullError(
         errno.ENOSPC,
-        f"cannot create a {format_bytes(nbytes)} shared-memory segment: {directory} has "
-        f"{format_bytes(free)} free of {format_bytes(total)}{hint}. Free memory there, start "
-        f"the container with a larger --shm-size (e.g. --shm-size=8g), or set "
-        f"{DIR_ENV} to a directory on a larger file system.",
+        f"cannot create a {format_bytes(nbytes)} shared-memory segment: {where} has "
+        f"{format_bytes(free)} free of {format_bytes(total)}{hint}. Free memory there, or start "
+        f"the container with a larger --shm-size (e.g. --shm-size=8g){also}.",
     )
+
+
+# -- which store, or none -------------------------------------------------------
+
+_POSIX = _store.PosixStore()
+_reasons: dict[tuple[str, str], str | None] = {}
+
+
+def current_store(directory: str | None = None):
+    """The store segments are created in and attached from: a tmpfs store at
+    ``directory`` if given, else the one ``$SHAREDEXEC_BACKEND`` (default:
+    the platform's) names. SharedMemoryError where sharing is unavailable."""
+    if directory is not None:
+        return _store.TmpfsStore(directory)
+    kind = os.environ.get(_store.BACKEND_ENV) or _store.default_backend()
+    if kind == "tmpfs":
+        return _store.TmpfsStore(shm_dir())
+    if kind == "posix" and _store._posixshmem is not None:
+        return _POSIX
+    raise SharedMemoryError(errno.ENOSYS, f"cannot share memory here: {unshared_reason()}")
+
+
+def unshared_reason() -> str | None:
+    """Why this process cannot create segments, with what to do -- so that
+    tasks go by plain pickling, as with the standard library -- or None.
+    Answered once per (``$SHAREDEXEC_BACKEND``, directory)."""
+    key = (os.environ.get(_store.BACKEND_ENV, ""), shm_dir())
+    try:
+        return _reasons[key]
+    except KeyError:
+        reason = _reasons[key] = _find_unshared_reason(*key)
+        return reason
+
+
+def prepare_owner() -> None:
+    """Before this process creates a segment, or workers write results for
+    it: a live reaper that knows where its segments go."""
+    store = current_store()
+    _reaper.watch(store.directory if store.kind == "tmpfs" else None)
+
+
+def list_owned_by(pid: int) -> list[str]:
+    """Segments of ours named for owner ``pid``, where the store can list
+    them (a tmpfs directory; Linux's POSIX objects, which live in /dev/shm).
+    macOS cannot list POSIX objects: there the answer is empty, and the
+    reapers, told every name, cover it (later: see docs/how-it-works.md)."""
+    if unshared_reason() is not None:
+        return []
+    store = current_store()
+    if not store.listable:
+        return []
+    return [name for name, _, _ in _names.iter_segments(store.directory, mine_only=True, owner=pid)]
+
+
+def _find_unshared_reason(asked: str, directory: str) -> str | None:
+    if asked and asked not in _store.BACKENDS:
+        return (
+            f"{_store.BACKEND_ENV}={asked!r} is not one of {', '.join(_store.BACKENDS)}. "
+            f"Unset it to use this platform's default ({_store.default_backend()})."
+        )
+    kind = asked or _store.default_backend()
+    if kind == "unshared":
+        if asked:
+            return f"sharing is turned off by {_store.BACKEND_ENV}=unshared. Unset it to share."
+        return (
+            f"this platform ({sys.platform}) has neither POSIX shared memory nor a tmpfs directory "
+            "sharedexec can use (Windows is not supported yet). Run on Linux or macOS (on Windows: "
+            "in WSL2) to share."
+        )
+    if kind == "posix":
+        if _store._posixshmem is None:
+            return (
+                "this Python has no POSIX shared memory (the _posixshmem module). Use a Python "
+                f"built with it, or set {_store.BACKEND_ENV}=tmpfs on Linux."
+            )
+        return None
+    if not os.path.isdir(directory):
+        return (
+            f"{directory} does not exist. Mount a tmpfs there (Docker: --shm-size=8g), or set "
+            f"{DIR_ENV} to a writable directory (a tmpfs is fastest)."
+        )
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (
+            f"{directory} cannot be written (a read-only file system, or its permissions). Mount a "
+            f"writable tmpfs there (Docker: --shm-size=8g), or set {DIR_ENV} to a writable directory."
+        )
+    return None
 
 
 @dataclass(eq=False)
@@ -228,10 +336,9 @@ class Mapping:
         return self.view[self.layout_offset : self.layout_offset + self.layout_size]
 
 
-def _path(name: str, directory: str | None = None) -> str:
+def _check_name(name: str) -> None:
     if owner_of(name) is None:
         raise SegmentCorruptError(f"{name!r} is not a sharedexec segment name")
-    return os.path.join(directory or shm_dir(), name)
 
 
 def offsets_for(sizes: list[int]) -> tuple[list[int], int]:
@@ -256,44 +363,52 @@ def create(
     directory without room raises :class:`SharedMemoryFullError` -- never
     SIGBUS (cpython#114390) -- and nothing is left behind.
     """
-    directory = directory or shm_dir()
+    store = current_store(directory)
     offsets, layout_offset = offsets_for([buf.nbytes for buf in buffers])
     size = layout_offset + len(layout)
-    if not os.path.isdir(directory):
-        raise SharedMemoryError(
-            errno.ENOENT,
-            f"cannot create shared memory in {directory!r}: no such directory. "
-            f"Set {DIR_ENV} to an existing directory (a tmpfs is fastest).",
-        )
-    _check_dir(directory)
-    free, _ = free_bytes(directory)
-    if size > free:
-        raise _full_error(size, directory)
+    if store.kind == "tmpfs":
+        if not os.path.isdir(store.directory):
+            raise SharedMemoryError(
+                errno.ENOENT,
+                f"cannot create shared memory in {store.directory!r}: no such directory. "
+                f"Set {DIR_ENV} to an existing directory (a tmpfs is fastest).",
+            )
+        _check_dir(store.directory)
+    space = store.free_bytes()
+    if space is not None and size > space[0]:
+        raise _full_error(size, store)
     name = new_name(owner_pid)
-    path = os.path.join(directory, name)
     key = process_key()
+    if store.kind == "posix":
+        # No directory to list: the reaper must hear of the name before the
+        # object exists, or a SIGKILL right after shm_open would leak it.
+        _reaper.announce(name, owner_pid)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = store.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise _full_error(size, directory) if exc.errno in _FULL else exc from None
+        _reaper.forget(name)
+        raise _full_error(size, store) if exc.errno in _FULL else exc from None
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask: attach requires exactly 0600
         try:
-            os.ftruncate(fd, size)
+            os.fchmod(fd, 0o600)  # whatever the umask: attach requires exactly 0600
+        except OSError:  # a shm object where fchmod is not supported: shm_open's mode stands
+            pass
+        try:
+            os.ftruncate(fd, size)  # once: macOS refuses a second ftruncate of a shm object
         except OSError as exc:
-            raise _full_error(size, directory) if exc.errno in _FULL else exc from None
+            raise _full_error(size, store) if exc.errno in _FULL else exc from None
         view = memoryview(mmap.mmap(fd, size))
         # The header first: whoever finds the segment half-filled (its
         # creator killed meanwhile) can tell who made it, see creator_of().
-        _fill(fd, view, [(0, memoryview(bytes(ALIGN)))], directory)
+        _fill(fd, view, [(0, memoryview(bytes(ALIGN)))], store)
         header = bytearray(HEADER.pack(
             MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, b""
         ))
         header[TAG_OFFSET:] = tag(key, name, header, layout)
         view[:ALIGN] = header
-        _fill(fd, view, [*zip(offsets, buffers), (layout_offset, memoryview(layout))], directory)
+        _fill(fd, view, [*zip(offsets, buffers), (layout_offset, memoryview(layout))], store)
     except BaseException:
-        unlink_path(path)
+        _unlink(store, name)
         raise
     finally:
         os.close(fd)
@@ -342,10 +457,11 @@ def file_kind(mode: int) -> str:
     return "a device or special file"
 
 
-def _not_ours(path: str, st: os.stat_result | None) -> SegmentNotOursError:
+def _not_ours(store, name: str, st: os.stat_result | None) -> SegmentNotOursError:
+    path = store.describe(name)
     if st is None:
         try:
-            st = os.lstat(path)
+            st = store.lstat(name)
         except OSError:
             pass
     found = (
@@ -379,12 +495,15 @@ class _NotOurs(SegmentNotOursError):
 _NOT_OURS_ERRNOS = frozenset((errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK))
 
 
-def _open_own(path: str, flags: int, strict: bool = True) -> tuple[int, os.stat_result]:
-    """Open ``path`` without following a symlink or blocking on a FIFO, and
-    check the descriptor: a regular file of our effective uid (and mode 0600
-    if ``strict``). SegmentNotFoundError if absent, _NotOurs if not ours."""
+def _open_own(store, name: str, flags: int, strict: bool = True) -> tuple[int, os.stat_result]:
+    """Open segment ``name`` without following a symlink or blocking on a
+    FIFO, and check the descriptor: a regular file of our effective uid (and
+    mode 0600 if ``strict``). SegmentNotFoundError if absent, _NotOurs if
+    not ours."""
+    _check_name(name)
+    path = store.describe(name)
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = store.open(name, flags)
     except FileNotFoundError:
         raise SegmentNotFoundError(errno.ENOENT, f"shared-memory segment {path} does not exist", path) from None
     except OSError as exc:
@@ -448,7 +567,7 @@ def hold(name: str, directory: str | None = None) -> Hold | None:
     copy-on-write tasks map it privately, one task at a time); None if it is
     gone. Give it back with :func:`drop_hold`."""
     try:
-        fd, _ = _open_own(_path(name, directory), os.O_RDONLY)
+        fd, _ = _open_own(current_store(directory), name, os.O_RDONLY)
     except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
         return None
     held, kept = _take_hold(name, fd)
@@ -460,7 +579,7 @@ def hold(name: str, directory: str | None = None) -> Hold | None:
 def in_use(name: str, directory: str | None = None) -> bool:
     """Whether another process (or a mapping of this one's) maps ``name``."""
     try:
-        fd, _ = _open_own(_path(name, directory), os.O_RDONLY)
+        fd, _ = _open_own(current_store(directory), name, os.O_RDONLY)
     except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
         return False
     except OSError:  # cannot tell (out of descriptors, say): keep it, the safe mistake
@@ -472,6 +591,15 @@ def in_use(name: str, directory: str | None = None) -> bool:
         return True
     finally:
         os.close(fd)  # drops our lock, if we got it
+
+
+def _unlink(store, name: str) -> None:
+    try:
+        store.unlink(name)
+    except FileNotFoundError:
+        pass
+    if store.kind == "posix":
+        _reaper.forget(name)
 
 
 def attach(
@@ -490,12 +618,12 @@ def attach(
     ``key`` (the creator's, from the handle; default: this process's). Never
     registers the segment anywhere. But for the lease board, the mapping
     holds the segment's shared flock while it lives."""
-    path = _path(name, directory)
+    store = current_store(directory)
     key = process_key() if key is None else key
     try:
-        fd, st = _open_own(path, os.O_RDWR if writable else os.O_RDONLY)
+        fd, st = _open_own(store, name, os.O_RDWR if writable else os.O_RDONLY)
     except _NotOurs as exc:
-        raise _not_ours(path, exc.st) from None
+        raise _not_ours(store, name, exc.st) from None
     held, kept = None, False
     try:
         size = st.st_size
@@ -512,6 +640,9 @@ def attach(
             os.close(fd)
     view = memoryview(mm)
     magic, version, _, _, total, layout_offset, layout_size, *_, stored_tag = HEADER.unpack_from(view, 0)
+    if not store.exact_size and total <= size < total + _PAGE:
+        view = view[:total]  # macOS: fstat's size is a whole number of pages
+        size = total
     if magic != MAGIC:
         raise SegmentCorruptError(f"segment {name} has no sharedexec header (bad magic {magic!r})")
     if version != VERSION:
@@ -537,12 +668,14 @@ def creator_of(name: str, directory: str | None = None) -> int | None:
     """The pid that created a segment of ours, from its header (None if it
     is not ours or unreadable)."""
     try:
-        fd, _ = _open_own(_path(name, directory), os.O_RDONLY, strict=False)
+        fd, _ = _open_own(current_store(directory), name, os.O_RDONLY, strict=False)
     except OSError:
         return None
     try:
-        header = os.pread(fd, HEADER.size, 0)
-    except OSError:
+        # Through a mapping, not pread: macOS cannot read() a shm object.
+        with mmap.mmap(fd, HEADER.size, access=mmap.ACCESS_READ) as mm:
+            header = mm[: HEADER.size]
+    except (OSError, ValueError):  # shorter than a header
         return None
     finally:
         os.close(fd)
@@ -557,11 +690,12 @@ def retire(name: str, directory: str | None = None) -> bool:
     when the last one is unmapped. Missing segments, files that are not ours
     (left alone) and failures are a DEBUG log line, never an exception: every
     caller is a sweep or a clean-up that must go on."""
-    path = _path(name, directory)
     try:
-        fd, st = _open_own(path, os.O_WRONLY, strict=False)
+        store = current_store(directory)
+        # O_RDWR, not O_WRONLY: macOS's shm_open takes no O_WRONLY.
+        fd, st = _open_own(store, name, os.O_RDWR, strict=False)
     except SegmentNotOursError as exc:
-        log.debug("not retiring %s: %s", path, exc.strerror)
+        log.debug("not retiring %s: %s", name, exc.strerror)
         return False
     except FileNotFoundError:
         return False
@@ -569,25 +703,30 @@ def retire(name: str, directory: str | None = None) -> bool:
         # Out of descriptors (EMFILE, ENFILE) or interrupted: it may well be
         # ours, so unlink it if it is, unmarked (attached workers then keep it
         # mapped until their cache evicts it) -- never leave it behind.
-        log.debug("cannot open %s to retire it: %s", path, exc)
+        log.debug("cannot open %s to retire it: %s", name, exc)
         try:
-            if is_mine(os.lstat(path)):
-                os.unlink(path)
+            st = store.lstat(name)  # None where there is nothing to look at (macOS)
+            if st is not None and is_mine(st):
+                _unlink(store, name)
                 return True
         except OSError as again:
-            log.debug("cannot retire %s: %s", path, again)
+            log.debug("cannot retire %s: %s", name, again)
         return False
     try:
-        os.pwrite(fd, struct.pack("<I", STATE_RETIRED), STATE_OFFSET)
+        try:
+            # Through a mapping, not pwrite: macOS cannot write() a shm object.
+            with mmap.mmap(fd, ALIGN) as mm:
+                mm[STATE_OFFSET : STATE_OFFSET + 4] = struct.pack("<I", STATE_RETIRED)
+        except ValueError:  # shorter than a header: nobody has it mapped as a segment
+            pass
         # Unlink the file we opened, not one that took its name meanwhile.
-        current = os.lstat(path)
-        if (current.st_dev, current.st_ino) == (st.st_dev, st.st_ino):
-            os.unlink(path)
+        if store.same(name, st):
+            _unlink(store, name)
             return True
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log.debug("cannot retire %s: %s", path, exc)
+        log.debug("cannot retire %s: %s", name, exc)
     finally:
         os.close(fd)
     return False
@@ -606,10 +745,11 @@ def _reset_copy_pool_in_child() -> None:
     _copy_pool, _copy_pool_lock = None, threading.Lock()
 
 
-os.register_at_fork(after_in_child=_reset_copy_pool_in_child)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_copy_pool_in_child)
 
 
-def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], directory: str) -> None:
+def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store) -> None:
     """Reserve, fault in and copy each ``(offset, source)``, in chunks.
 
     A fresh tmpfs page costs more to allocate and map than to copy into: the
@@ -636,10 +776,10 @@ def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], direc
         if last <= first:
             return
         try:
-            os.posix_fallocate(fd, first, last - first)
+            store.reserve(fd, first, last - first)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise _full_error(len(target), directory) from None
+                raise _full_error(len(target), store) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
         _madvise(base + first, last - first, _MADV_POPULATE_WRITE)

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from . import _cache, _codec, _leases, _names, _reaper, _registry, _segment, _worker
+from . import _cache, _codec, _leases, _names, _registry, _segment, _worker
 from ._errors import SharedExecWarning, SharedMemoryFullError
 
 MMAP_MODES = ("r", "c")
@@ -115,10 +115,31 @@ class SharedTask:
 
 def _prepare_owner() -> None:
     # Workers may write results named for us: our reaper must know where.
-    _reaper.watch(_names.shm_dir())
+    if _segment.unshared_reason() is None:
+        _segment.prepare_owner()
 
 
 _warned_full = False
+_warned_unshared = False
+
+
+def unshared() -> bool:
+    """Whether sharing is unavailable here (tasks then go by plain pickling,
+    as with the standard library); says why, once per process."""
+    global _warned_unshared
+    reason = _segment.unshared_reason()
+    if reason is None:
+        return False
+    if not _warned_unshared:
+        _warned_unshared = True
+        warnings.warn(
+            f"sharedexec cannot share memory here: {reason} Until then every task gets its own "
+            "copy of its arguments by plain pickling, as with the standard library "
+            "(`python -m sharedexec doctor` checks this machine).",
+            SharedExecWarning,
+            stacklevel=3,
+        )
+    return True
 
 
 def _reduce_shared(pickler, obj: Any):
@@ -132,6 +153,8 @@ def _reduce_shared(pickler, obj: Any):
         board, lease, token = registry.lease(pub)
     else:
         if not _codec.is_shareable(obj) or id(obj) in pickler.__dict__.get("_sharedexec_plain", ()):
+            return NotImplemented
+        if unshared():
             return NotImplemented
         options, leases = task.options, task.leases
         mmap_mode, strings = options.mmap_mode, options.strings
@@ -309,7 +332,12 @@ class TaskRunner:
         # Results go back through shared memory only to a caller on this
         # machine (not to a dask/ray client) and in another process; and only
         # if a hooked pickler sends them (see the module docstring).
-        if self.options.share_results and self.owner_host == _names.HOST and self.owner_pid != os.getpid():
+        if (
+            self.options.share_results
+            and self.owner_host == _names.HOST
+            and self.owner_pid != os.getpid()
+            and _segment.unshared_reason() is None  # the caller has said why, once
+        ):
             if not _installed:
                 install_hooks()
             _results.pending = (self.options, self.owner_pid)

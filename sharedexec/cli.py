@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import mmap
 import multiprocessing
 import os
 import platform
@@ -50,7 +49,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import _names
+from . import _names, _segment, _store
 from ._segment import MAGIC, describe_uid, file_kind, format_bytes
 
 # One user-database lookup per uid, not per candidate: a directory may hold
@@ -178,28 +177,27 @@ def _mount_of(path: str) -> tuple[str, str] | None:
     return best
 
 
-def _probe(directory: str) -> str | None:
-    """Create, reserve, map, write and remove a small segment the way
-    sharedexec does (0600, O_EXCL, posix_fallocate); the error, or None."""
-    path = os.path.join(directory, _names.new_name(os.getpid()))
+def _probe(directory: str | None) -> str | None:
+    """Create, map back and retire a small segment the way sharedexec does
+    (in ``directory``, or the POSIX store if None); the error, or None."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        mapping = _segment.create([memoryview(bytes(_PROBE_BYTES))], b"probe", os.getpid(), directory=directory)
     except OSError as exc:
-        return f"cannot create a file there: {exc.strerror}"
+        return f"cannot create a {format_bytes(_PROBE_BYTES)} segment there: {exc.strerror or exc}"
     try:
-        try:
-            os.posix_fallocate(fd, 0, _PROBE_BYTES)
-        except OSError as exc:
-            return f"cannot reserve {format_bytes(_PROBE_BYTES)} there (posix_fallocate): {exc.strerror}"
-        with mmap.mmap(fd, _PROBE_BYTES) as mm:
-            mm[:4] = b"sx\0\0"
-            mm[-4:] = b"sx\0\0"
+        _segment.attach(mapping.name, directory=directory)
         return None
     except OSError as exc:
-        return f"cannot map a segment there: {exc.strerror}"
+        return f"cannot map a segment there: {exc.strerror or exc}"
     finally:
-        os.close(fd)
-        _names.unlink_path(path)
+        _segment.retire(mapping.name, directory=directory)
+
+
+def _probe_row(row, problems: list[str], directory: str | None, where: str) -> None:
+    error = _probe(directory)
+    row("test segment", "created, mapped and removed" if error is None else f"FAILED: {error}")
+    if error is not None:
+        problems.append(f"sharedexec cannot create segments in {where}: {error}.")
 
 
 def _versions() -> list[tuple[str, str]]:
@@ -264,11 +262,25 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
         print(f"  {label:<30} {value}", file=out)
 
     env_dir = os.environ.get(_names.DIR_ENV)
-    directory = args.dir or _names.shm_dir()
+    asked = os.environ.get(_store.BACKEND_ENV)
+    kind = asked or _store.default_backend()
     print("Shared memory", file=out)
-    source = "--dir" if args.dir else f"${_names.DIR_ENV}" if env_dir else "default"
-    row("directory", f"{directory} ({source})")
-    if not os.path.isdir(directory):
+    label = {"tmpfs": "a tmpfs directory", "posix": "POSIX shared memory (shm_open)", "unshared": "none"}.get(kind, kind)
+    row("implementation", f"{label} ({f'${_store.BACKEND_ENV}={asked}' if asked else 'the default on ' + sys.platform})")
+    reason = _segment.unshared_reason()
+    row("sharing", "unavailable: every task gets a pickled copy" if reason else "available")
+    if reason:
+        problems.append(f"sharedexec cannot share memory here: {reason}")
+    directory = args.dir or (_segment._POSIX.directory if kind == "posix" else _names.shm_dir())
+    source = "--dir" if args.dir else f"${_names.DIR_ENV}" if env_dir and kind != "posix" else "default"
+    if directory is None:  # macOS: POSIX shared memory is the VM system's, with nothing to list
+        row("directory", "none (POSIX shared memory lives in the VM system here)")
+        leftovers = Leftovers("")
+    else:
+        row("directory", f"{directory} ({source})")
+    if directory is None:  # nothing to measure or list: each process's reaper removes its objects
+        _probe_row(row, problems, None, "POSIX shared memory")
+    elif not os.path.isdir(directory):
         problems.append(
             f"{directory} does not exist or is not a directory: sharedexec cannot create segments. "
             f"Create it, or set {_names.DIR_ENV} to an existing directory."
@@ -300,10 +312,7 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
                 "not fit (sharedexec falls back to pickling them, once per task). Free space there "
                 "(see the leftover segments below), or: " + DOCKER_HINT
             )
-        error = _probe(directory)
-        row("test segment", "created, mapped and removed" if error is None else f"FAILED: {error}")
-        if error is not None:
-            problems.append(f"sharedexec cannot create segments in {directory}: {error}.")
+        _probe_row(row, problems, None if kind == "posix" else directory, directory)
 
     print("Leftover segments", file=out)
     if leftovers.dead:
@@ -400,6 +409,15 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
         parser.error("--all-users is for root: other users' files can only be removed by their owner or root")
     out = sys.stdout
     directory = args.dir or _names.shm_dir()
+    if not args.dir and (os.environ.get(_store.BACKEND_ENV) or _store.default_backend()) == "posix":
+        directory = _segment._POSIX.directory
+        if directory is None:
+            print(
+                "POSIX shared memory cannot be listed on this platform (macOS): each process's reaper "
+                "removes its segments when it exits, and nothing else can find them.",
+                file=out,
+            )
+            return 0
     if not os.path.isdir(directory):
         print(f"{directory} does not exist or is not a directory: nothing to clean.", file=out)
         return 1

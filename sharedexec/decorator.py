@@ -30,7 +30,7 @@ import cloudpickle
 
 from . import _codec, _names, _registry
 from ._errors import NotShareableError
-from ._sharing import Options, SharedTask, TaskRunner, _prepare_owner, install_hooks
+from ._sharing import Options, SharedTask, TaskRunner, _prepare_owner, install_hooks, unshared
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -155,4 +155,6 @@ def share(obj: T) -> T:
             "e.g. [sharedexec.share(df) for df in frames], and send the container as usual."
         )
     install_hooks()
+    if unshared():
+        return obj  # it travels by plain pickling, as with the standard library
     return _registry.REGISTRY.share(obj)

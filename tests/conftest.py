@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 import sharedexec
-from sharedexec import _names, _registry, _segment
+from sharedexec import _names, _registry, _segment, _store
 
 from ._tasks import make_frame
 
@@ -34,6 +34,26 @@ settings.register_profile("ci", max_examples=12, derandomize=True, database=None
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: bounded
 settings.register_profile("long", max_examples=600, deadline=None, suppress_health_check=_SLOW_OK, print_blob=True)
 settings.load_profile("ci")
+
+#: The store this run uses (``.ci/run`` runs the suite once per store, and the
+#: conformance cases once more with sharing turned off).
+BACKEND = os.environ.get("SHAREDEXEC_BACKEND") or _store.default_backend()
+#: Fixtures that mark a conformance case: the same scenario against the stdlib
+#: (or loky) and sharedexec, expecting the same outcome.
+CONFORMANCE_FIXTURES = {"executor_cls", "warm_pool", "backend"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``SHAREDEXEC_BACKEND=posix``, skip the tests of the tmpfs store
+    itself (``tmpfs_only``); under ``unshared``, run the conformance cases
+    only: every other test checks that something *is* shared."""
+    for item in items:
+        if BACKEND == "posix" and item.get_closest_marker("tmpfs_only"):
+            item.add_marker(pytest.mark.skip(reason="tests the tmpfs store (SHAREDEXEC_DIR); this run uses POSIX shm"))
+        if BACKEND == "unshared" and not (
+            CONFORMANCE_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("conformance")
+        ):
+            item.add_marker(pytest.mark.skip(reason="checks sharing; this run has sharing turned off (unshared)"))
 
 
 @pytest.fixture(params=START_METHODS)

@@ -219,6 +219,7 @@ def test_doctor_accepts_sizes_with_units():
     assert "2GiB -> " in result.stdout and "is not a size" not in result.stdout
 
 
+@pytest.mark.tmpfs_only
 def test_command_line_through_the_environment_variable(segdir):
     directory, _, names = segdir
     result = run_cli("doctor", env={"SHAREDEXEC_DIR": str(directory)})
@@ -231,6 +232,7 @@ def test_command_line_through_the_environment_variable(segdir):
     assert listing(directory) == set(names["live"] + names["other"])
 
 
+@pytest.mark.tmpfs_only
 def test_cleanup_removes_what_a_killed_process_and_its_killed_reaper_left(tmp_path):
     """The real case cleanup exists for: the owner and its reaper both SIGKILLed
     (an OOM kill of the container's processes, `kill -9 -1`)."""
@@ -279,6 +281,7 @@ def _unshare_available() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_available(), reason="needs unshare and mount")
+@pytest.mark.tmpfs_only
 def test_doctor_in_a_docker_sized_shm(tmp_path):
     """A real 16 MB tmpfs, as small as Docker's default /dev/shm (64 MB)."""
     mnt = tmp_path / "shm"

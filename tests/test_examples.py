@@ -102,6 +102,7 @@ def _can_mount_tmpfs() -> bool:
 
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root to mount a 64 MB tmpfs (or a Docker-sized /dev/shm)")
+@pytest.mark.tmpfs_only  # the example sets SHAREDEXEC_DIR
 def test_small_shm_falls_back_and_warns_once():
     proc = run_example("small_shm.py", "--megabytes", "80", "--tasks", "3")
     out = lines(proc)

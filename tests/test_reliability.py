@@ -45,7 +45,7 @@ import sharedexec
 from sharedexec import _names, _publication, _segment
 
 from . import _reliability_scripts as scripts
-from .conftest import START_METHODS
+from .conftest import BACKEND, START_METHODS
 
 MIN_BYTES = scripts.MIN_BYTES
 FORK = multiprocessing.get_context("fork")
@@ -372,7 +372,8 @@ def test_shm_too_small_falls_back_or_raises_never_sigbus(tmp_path):
     assert report["joblib_results"] == report["expected"]
     assert len(report["warnings"]) == 1, report["warnings"]
     warning = report["warnings"][0]
-    for hint in (str(mnt), "16.8 MB", "--shm-size", "SHAREDEXEC_DIR", "on_full='raise'"):
+    where = ("/dev/shm",) if BACKEND == "posix" else (str(mnt), "SHAREDEXEC_DIR")
+    for hint in (*where, "16.8 MB", "--shm-size", "on_full='raise'"):
         assert hint in warning, hint
     # What fits is still shared.
     assert report["small_result"] == report["small_expected"]
@@ -391,6 +392,7 @@ def test_shm_too_small_falls_back_or_raises_never_sigbus(tmp_path):
     assert all(n.startswith("sx_") for n in report["left"])
 
 
+@pytest.mark.tmpfs_only
 def test_plain_directory_through_sharedexec_dir(tmp_path):
     """SHAREDEXEC_DIR naming an ordinary directory (on disk here) works end to
     end through the three entry points, and is left empty."""

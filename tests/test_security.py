@@ -125,7 +125,7 @@ def test_a_fifo_at_a_segment_name_is_refused_without_blocking(marker):
         for writable in (False, True):
             with pytest.raises(SegmentNotOursError, match="a FIFO") as info:
                 _segment.attach(name, writable=writable)
-            assert _seg_path(name) in str(info.value)
+            assert name in str(info.value)
         assert _segment.creator_of(name) is None
         assert _segment.retire(name) is False and os.path.exists(_seg_path(name))
         assert time.monotonic() - start < 5

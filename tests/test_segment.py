@@ -106,6 +106,7 @@ def test_missing_directory(tmp_path):
         _segment.create([], b"", os.getpid(), directory=str(tmp_path / "absent"))
 
 
+@pytest.mark.tmpfs_only
 def test_file_backed_directory(monkeypatch, tmp_path):
     monkeypatch.setenv(_names.DIR_ENV, str(tmp_path))
     mapping = _segment.create([], b"layout", os.getpid())
