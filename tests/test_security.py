@@ -447,6 +447,7 @@ def _needs_root() -> None:
         pytest.skip("needs root to make files of another uid (chown)")
 
 
+@pytest.mark.tmpfs_only  # a tmpfs directory's own mechanics
 def test_sweeps_never_open_or_describe_other_users_files(tmp_path, monkeypatch):
     """Thousands of files of another user named ``sx_<our pid>_...`` cost a
     sweep one lstat each: never an open, never a user-name lookup (the
@@ -529,6 +530,7 @@ def test_cleanup_all_users_goes_past_a_name_with_a_huge_pid(tmp_path, capsys):
     assert os.listdir(tmp_path) == [huge.name]
 
 
+@pytest.mark.tmpfs_only  # a tmpfs directory's own mechanics
 def test_an_orphan_result_with_a_huge_creator_pid_is_removed(tmp_path, monkeypatch):
     """The creator pid comes from a header (unsigned 32 bits): no pid, gone."""
     monkeypatch.setenv(_names.DIR_ENV, str(tmp_path))
@@ -569,6 +571,7 @@ def test_no_inode_left_is_shared_memory_full(tmp_path, monkeypatch, err, call):
     assert "SHAREDEXEC_DIR" in str(info.value) and os.listdir(tmp_path) == []
 
 
+@pytest.mark.tmpfs_only  # a tmpfs directory's own mechanics
 def test_a_tmpfs_out_of_inodes_falls_back_to_pickling(tmp_path):
     """The reproduction: a tmpfs whose inodes are all taken by empty files
     (its bytes free); a pool task with a shared argument still gets it."""
@@ -672,6 +675,7 @@ def test_keys_are_never_shown(evil):
         assert evil.key.hex() not in text and repr(evil.key) not in text
 
 
+@pytest.mark.tmpfs_only  # a tmpfs directory's own mechanics
 @pytest.mark.parametrize("err", [errno.EMFILE, errno.ENFILE, errno.EINTR], ids=errno.errorcode.get)
 def test_running_out_of_descriptors_is_not_not_ours(evil, monkeypatch, err):
     """EMFILE and the like say nothing about the file: attach raises them as
