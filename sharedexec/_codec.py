@@ -75,6 +75,7 @@ import datetime as dt
 import decimal
 import fractions
 import io
+import itertools
 import logging
 import math
 import operator
@@ -845,7 +846,7 @@ def fingerprint(obj: Any) -> tuple[tuple, Any]:
         # copy-on-write) gives the same Block object a new array
         # (``BlockManager._iset_single``). Walked in C: ~20 ns a block.
         idents = (mgr, blocks, *mgr.axes, *map(_BLOCK_VALUES, blocks))
-        return idents, _snapshot((*_frame_values(obj), _axis_state(obj.index), _axis_state(obj.columns)))
+        return idents, _frame_snapshot(obj)
     if isinstance(obj, pd.Series):
         return (obj._mgr, obj._values, obj.index), _snapshot((obj.name, *_frame_values(obj), _axis_state(obj.index)))
     if isinstance(obj, pd.Index):
@@ -881,6 +882,27 @@ def write_guard(obj: Any) -> Any:
     if isinstance(obj, (pd.DataFrame, pd.Series)) and _pandas_copies_on_write():
         return obj.copy(deep=False)
     return None
+
+
+def _frame_snapshot(df: pd.DataFrame) -> bytes | _Pinned:
+    return _snapshot((*_frame_values(df), _axis_state(df.index), _axis_state(df.columns)))
+
+
+def unchanged(obj: Any, fp: tuple[tuple, Any]) -> bool:
+    """``same_fingerprint(fp, fingerprint(obj))``; for a frame in one pass
+    over its blocks, building nothing (the per-task check of a wide frame)."""
+    if not isinstance(obj, pd.DataFrame):
+        return same_fingerprint(fp, fingerprint(obj))
+    idents, values = fp
+    mgr = obj._mgr
+    blocks, axes = mgr.blocks, mgr.axes
+    head = 2 + len(axes)
+    return (
+        len(idents) == head + len(blocks)
+        and all(map(operator.is_, (mgr, blocks, *axes), idents[:head]))
+        and all(map(operator.is_, map(_BLOCK_VALUES, blocks), itertools.islice(idents, head, None)))
+        and bool(values == _frame_snapshot(obj))
+    )
 
 
 def same_fingerprint(a: tuple[tuple, Any], b: tuple[tuple, Any]) -> bool:

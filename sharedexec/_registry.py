@@ -156,7 +156,7 @@ class Registry:
         pub = self._by_id.get(id(obj))
         if pub is None or pub.source is None or pub.source() is not obj:
             return None
-        if not _codec.same_fingerprint(pub.fingerprint, _codec.fingerprint(obj)):
+        if not _codec.unchanged(obj, pub.fingerprint):
             return None
         return pub
 
