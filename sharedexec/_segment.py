@@ -1,9 +1,14 @@
 """Shared-memory segments: create, attach, retire (and unlink), copy into.
 
-This is the only module that talks to the operating system about shared
-memory. A segment is a file in a tmpfs directory -- ``/dev/shm`` (what
-``shm_open`` uses on Linux) or the directory named by ``SHAREDEXEC_DIR`` --
-mapped with ``mmap``. Using the directory directly, rather than
+This module and :mod:`sharedexec._store` are the only ones that talk to the
+operating system about shared memory: the store names, opens, reserves and
+removes (a tmpfs directory on Linux, POSIX ``shm_open`` on macOS or with
+``SHAREDEXEC_BACKEND=posix``, nothing at all where sharing is unavailable:
+:func:`unshared_reason`); this module keeps the format, the checks and the
+copying, the same for every store. On Linux a segment is a file in a tmpfs
+directory -- ``/dev/shm`` (what ``shm_open`` uses on Linux) or the directory
+named by ``SHAREDEXEC_DIR`` -- mapped with ``mmap``. Using the directory
+directly, rather than
 ``multiprocessing.shared_memory.SharedMemory``, gives us four things the stdlib
 class does not:
 
