@@ -779,6 +779,32 @@ def parts(obj: Any) -> list[np.ndarray]:
     return found
 
 
+def unchanging_memory(obj: Any) -> set[tuple[int, int]]:
+    """The memory of ``obj`` that keeps its bytes while its publication holds
+    ``write_guard(obj)``, as (address, nbytes) keys: a later object over the
+    same memory (``df.assign(c=...)``, ``df[["a"]]``) holds the same bytes.
+    Its blocks (pandas copies one before writing into it) and its axes' data
+    (pandas never writes into an Index). Nothing else: a numpy array can be
+    written in place by whoever holds it or a view of it (``arr[0] = 7``,
+    then ``arr[:]`` sent), and so can the array a frame was built on with
+    ``copy=False`` (docs, semantics: the snapshot rule)."""
+    if write_guard(obj) is None:
+        return set()
+    arrays = parts(obj) + [arr for axis in obj._mgr.axes for arr in _axis_arrays(axis)]
+    return {
+        (arr.__array_interface__["data"][0], arr.nbytes)
+        for arr in arrays
+        if isinstance(arr, np.ndarray) and arr.nbytes and (arr.flags.c_contiguous or arr.flags.f_contiguous)
+    }
+
+
+def _axis_arrays(axis: pd.Index) -> list[np.ndarray]:
+    if isinstance(axis, pd.MultiIndex):
+        return [arr for level in axis.levels for arr in _axis_arrays(level)] + list(axis.codes)
+    values = axis._values
+    return [values] if isinstance(values, np.ndarray) else [getattr(values, "_ndarray", None)]
+
+
 def _axis_state(axis: pd.Index) -> tuple:
     # Names and freq are set on the Index object in place (``df.index.name =``,
     # ``df.index.freq = "D"``, statsmodels' idiom): its identity alone misses them.

@@ -11,7 +11,10 @@ Publish once
     A changed structure, or a new object, is published anew.
 
 Copy only what is new
-    Each buffer copied into a segment is remembered by address and size, valid
+    Each buffer copied into a segment whose source memory cannot change
+    (``_codec.unchanging_memory``: a frame's blocks under the publication's
+    ``write_guard``, index data; Arrow buffers -- never a writable ndarray)
+    is remembered by address and size, valid
     while the array that owns that memory lives (weak reference), and every
     segment this process created is remembered by address range. A derived
     frame (``df.assign(x=...)``, a subset of columns, an object returned by
@@ -112,9 +115,11 @@ def _buffer_address(raw: memoryview) -> int:
     return np.frombuffer(raw, dtype=np.uint8).ctypes.data if raw.nbytes else 0
 
 
-def _memory_owner(raw: memoryview) -> Callable[[], Any] | None:
+def _memory_owner(raw: memoryview, unchanging: bool) -> Callable[[], Any] | None:
     """A reference to what owns ``raw``'s memory: while it answers, a buffer
-    at the same address and size is the same bytes.
+    at the same address and size is the same bytes; None where that is not
+    so. Arrow's buffers are immutable; numpy memory keeps its bytes only
+    where ``_codec.unchanging_memory`` says so (``unchanging``).
 
     numpy's owner is held weakly: it may be a temporary (a contiguous copy of
     a strided array) that must not be kept. pyarrow wraps each buffer in a
@@ -126,6 +131,8 @@ def _memory_owner(raw: memoryview) -> Callable[[], Any] | None:
         owner = owner.base
     if pa is not None and isinstance(owner, pa.Buffer):
         return lambda: owner
+    if not unchanging:
+        return None
     try:
         return weakref.ref(owner)
     except TypeError:
@@ -180,6 +187,7 @@ class Registry:
                 self._board = _leases.Board(self.pid)
             copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
             layout, buffers = _codec.encode(obj, cloudpickle_fallback, self._in_shared, copies)
+            unchanging = _codec.unchanging_memory(obj)
             raws = [buf.raw() for buf in buffers]
             refs, new, depends, found_private = [], [], [], []
             for raw in raws:
@@ -204,11 +212,11 @@ class Registry:
             self.counters["bytes_reused"] += pub.nbytes - copied
             for raw, (_, offset, _) in zip(new, placed):
                 if (_buffer_address(raw), raw.nbytes) not in copies:
-                    self._remember(pub, raw, pub, offset)
+                    self._remember(pub, raw, pub, offset, unchanging)
             for raw, holder, offset in found_private:
                 # Found again through this publication too: the next one
                 # (after another in-place write) finds it while this lives.
-                self._remember(pub, raw, holder, offset)
+                self._remember(pub, raw, holder, offset, unchanging)
             self._by_name[pub.name] = pub
             self._add_range(pub)
             self._bind(pub, obj)
@@ -269,11 +277,13 @@ class Registry:
                 return pub, address - start, False
         return None
 
-    def _remember(self, pub: Publication, raw: memoryview, holder: Publication, offset: int) -> None:
-        owner = _memory_owner(raw)
+    def _remember(self, pub: Publication, raw: memoryview, holder: Publication, offset: int, unchanging: set) -> None:
+        # Only memory that provably keeps these bytes (``_memory_owner``): a
+        # new object over it is then sent from this segment.
+        key = (_buffer_address(raw), raw.nbytes)
+        owner = _memory_owner(raw, key in unchanging)
         if owner is None or not raw.nbytes:
             return
-        key = (_buffer_address(raw), raw.nbytes)
         entry = self._buffers.get(key)
         if entry is None or entry.holder is not holder or entry.offset != offset:
             if entry is None:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sharedexec
-from sharedexec import _registry, _segment
+from sharedexec import _publication, _registry, _segment
 
 from .conftest import owned_segments
+
+# Derived frames reuse their parent's blocks through pandas' copy-on-write.
+needs_copy_on_write = pytest.mark.skipif(int(pd.__version__.split(".")[0]) < 3, reason="pandas < 3: no copy-on-write")
 
 
 @pytest.fixture
@@ -56,6 +62,7 @@ def test_structural_change_republishes(registry, change):
     assert second is not first and registry.counters["publications"] == 2
 
 
+@needs_copy_on_write
 def test_equal_new_object_is_a_new_publication_sharing_storage(registry):
     df = frame()
     first = registry.publish(df)
@@ -116,6 +123,7 @@ def test_worker_clearing_the_slot_ends_the_lease(registry):
     assert pub.name not in owned_segments()
 
 
+@needs_copy_on_write
 def test_dependency_outlives_its_source(registry):
     df = frame()
     first = registry.publish(df)
@@ -184,6 +192,7 @@ def test_ending_a_lease_never_ends_the_next_holder_of_its_slot(registry):
     assert registry._board.held(slot)  # the second lease stands
 
 
+@needs_copy_on_write
 def test_derived_frame_reuses_arrow_columns_too(registry):
     pytest.importorskip("pyarrow")
     df = pd.DataFrame({"a": np.arange(100_000.0), "s": pd.array([f"x{i}" for i in range(100_000)], dtype="string[pyarrow]")})
@@ -213,3 +222,70 @@ def test_attrs_that_cannot_be_compared_are_published_once_until_replaced(registr
     df.attrs = dict(df.attrs)
     assert registry.publish(df, cloudpickle_fallback=True) is not first
     assert registry.counters["publications"] == 2
+
+
+# -- a new object over memory already published (issue 12 review, finding 3) ----
+
+
+def _decoded(registry, pub):
+    return _publication.read(pub.mapping, lambda name: registry._by_name[name].mapping)
+
+
+def _first_value(obj) -> float:
+    return float(np.asarray(obj).ravel()[0])
+
+
+VIEWS = {
+    "slice": lambda a: a[:],
+    "view": lambda a: a.view(),
+    "reshape": lambda a: a.reshape(2, -1),
+    "series-copy-false": lambda a: pd.Series(a, copy=False),
+    "frame-copy-false": lambda a: pd.DataFrame({"x": a}, copy=False),
+}
+
+
+@pytest.mark.parametrize("derive", VIEWS.values(), ids=VIEWS.keys())
+def test_a_new_object_over_written_memory_sends_its_values(registry, derive):
+    """The registry reused the first publication's bytes for any buffer at
+    the same address while its array lived: a write in place since was lost."""
+    arr = np.zeros(100_000)
+    registry.publish(arr)
+    arr[0] = 7.0
+    new = derive(arr)
+    assert _first_value(_decoded(registry, registry.publish(new))) == 7.0
+
+
+WRITES = {
+    "loc": lambda df: df.loc.__setitem__((0, "a"), 7.0),
+    "iloc": lambda df: df.iloc.__setitem__((0, 0), 7.0),
+    "column-view": lambda df: df["a"].__setitem__(0, 7.0),  # pandas 3: the Series copies, df unchanged
+}
+
+
+@needs_copy_on_write
+@given(st.sampled_from(list(WRITES)), st.sampled_from(["assign", "subset", "same", "series"]))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_objects_derived_after_a_pandas_write_send_its_values(registry, write, derive):
+    """What a frame and the objects derived from it after a write through
+    pandas hold is what the stdlib sends: pandas copies a published block
+    before writing (the registry holds a copy-on-write reference to it)."""
+    df = pd.DataFrame({"a": np.zeros(20_000), "b": np.arange(20_000)})
+    registry.publish(df)
+    WRITES[write](df)
+    new = {"assign": lambda: df.assign(c=1), "subset": lambda: df[["a"]], "same": lambda: df, "series": lambda: df["a"]}[derive]()
+    got = _decoded(registry, registry.publish(new))
+    (pd.testing.assert_frame_equal if isinstance(new, pd.DataFrame) else pd.testing.assert_series_equal)(
+        got, pickle.loads(pickle.dumps(new)), check_exact=True
+    )
+
+
+@needs_copy_on_write
+def test_derived_frames_still_reuse_the_columns_they_share(registry):
+    """The copy-on-write reference keeps them reusable: only new columns copied."""
+    df = pd.DataFrame({"a": np.zeros(100_000), "b": np.ones(100_000)})
+    registry.publish(df)
+    copied = registry.counters["bytes_copied"]
+    registry.publish(df.assign(c=2.0))
+    assert registry.counters["bytes_copied"] - copied < 9 * len(df)  # the new column only
+    df.loc[0, "a"] = 7.0  # pandas copies the referenced block first
+    assert _first_value(_decoded(registry, registry.publish(df))["a"]) == 7.0
