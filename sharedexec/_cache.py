@@ -87,14 +87,14 @@ class WorkerCache:
     def __init__(self, budget: int | None = None) -> None:
         self.budget = budget if budget is not None else cache_budget()
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # by (segment, strings)
+        self._entries: OrderedDict[tuple[str, str, int], _Entry] = OrderedDict()  # by (segment, strings, protocol)
         self._boards: dict[str, _segment.Mapping] = {}
         self._holds: dict[str, _segment.Hold] = {}  # segments of mmap_mode="c" tasks
         self._sweeper: threading.Thread | None = None
 
     def resolve(self, handle: Handle) -> Any:
         try:
-            with _codec.strings_as(handle.strings):
+            with _codec.strings_as(handle.strings), _codec.pickled_with(handle.protocol):
                 return self._resolve(handle)
         except SegmentNotFoundError as exc:
             raise handle.gone_error(exc) from exc
@@ -115,8 +115,9 @@ class WorkerCache:
             # queue by unpickling it): caching it would map our own
             # segment, and so keep it, for good.
             return self._read(_segment.attach(handle.name, key=handle.key), copy_on_write=False)
-        # One entry per way of decoding: strings="arrow" gives other columns.
-        key = (handle.name, handle.strings)
+        # One entry per way of decoding: strings="arrow" gives other columns,
+        # a pickle protocol under 5 native byte order.
+        key = (handle.name, handle.strings, handle.protocol)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -221,10 +222,12 @@ class Handle:
     host: str
     key: bytes = field(repr=False)  # never shown: whoever holds it could forge our segments
     strings: str = "exact"  # the entry point's ``strings`` option
+    protocol: int = 5  # the pool's pickle protocol (``_codec.pickled_with``)
 
     def __reduce__(self):
         return _resolve, (
-            self.name, self.mmap_mode, self.board, self.lease, self.publisher, self.host, self.key, self.strings
+            self.name, self.mmap_mode, self.board, self.lease, self.publisher, self.host, self.key, self.strings,
+            self.protocol,
         )
 
     def gone_error(self, error: SegmentNotFoundError | None = None) -> SegmentNotFoundError:
@@ -280,10 +283,11 @@ def defer_errors(errors: list[Exception] | None) -> None:
 
 
 def _resolve(
-    name: str, mmap_mode: str, board: str, lease: int, publisher: int, host: str, key: bytes, strings: str = "exact"
+    name: str, mmap_mode: str, board: str, lease: int, publisher: int, host: str, key: bytes, strings: str = "exact",
+    protocol: int = 5,
 ) -> Any:
     try:
-        return CACHE.resolve(Handle(name, mmap_mode, board, lease, publisher, host, key, strings))
+        return CACHE.resolve(Handle(name, mmap_mode, board, lease, publisher, host, key, strings, protocol))
     except Exception as exc:
         errors = getattr(_deferral, "errors", None)
         if errors is None:
@@ -317,9 +321,10 @@ def remove_orphan_results(owner_pid: int) -> list[str]:
     return removed
 
 
-def claim_result(name: str, key: bytes) -> Any:
+def claim_result(name: str, key: bytes, protocol: int = 5) -> Any:
     """Map a result privately (writable) and unlink it: it is ours alone now.
-    ``key`` is the writing worker's (``_segment``, Security)."""
+    ``key`` is the writing worker's (``_segment``, Security); ``protocol`` the
+    pickle protocol its message was written with (``_codec.pickled_with``)."""
     try:
         mapping = _segment.attach(name, copy_on_write=True, key=key)
     except SegmentNotFoundError as exc:
@@ -329,7 +334,8 @@ def claim_result(name: str, key: bytes) -> Any:
             f"exists: it was removed from {_names.shm_dir()} before this process read it. {exc.strerror}",
         ) from exc
     try:
-        return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key))
+        with _codec.pickled_with(protocol):
+            return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key))
     finally:
         _segment.retire(name)
 

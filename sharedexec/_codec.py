@@ -62,7 +62,10 @@ keeps it)                              with object fields, ndarray subclasses
 no buffer at all                       RangeIndex, empty arrays
 =====================================  =========================================
 
-``np.memmap`` comes back as a plain ndarray (over the segment, not the file).
+``np.memmap`` comes back as a memmap without a file (over the segment), as a
+pickle gives it. A non-native (big-endian) array comes back as it is from
+loky's workers, and in native byte order, same values, from multiprocessing's
+before Python 3.14 (``pickled_with``): what each pool's pickle protocol gives.
 
 Decoding touches each block once: its cost grows with the number of columns,
 not of rows (``benchmarks/decode_cost.py``).
@@ -197,7 +200,9 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
     # A uint8 view: the buffer protocol refuses datetime64/timedelta64, and
     # this keeps the exact bytes of any dtype, big-endian included.
     raw = arr.ravel(order="K").view(np.uint8)
-    return _rebuild_ndarray, (enc.out_of_band(raw), arr.dtype, arr.shape, order)
+    # np.memmap: a pickle gives a memmap with no file (numpy's own reduction).
+    memmap = (np.memmap,) if isinstance(arr, np.memmap) else ()
+    return _rebuild_ndarray, (enc.out_of_band(raw), arr.dtype, arr.shape, order, *memmap)
 
 
 # Exact types whose equal values are interchangeable: two equal ``str``s are
@@ -515,6 +520,24 @@ def strings_as(mode: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if _codec_strings is None else _codec_strings.strings_as(mode)
 
 
+@contextlib.contextmanager
+def pickled_with(protocol: int) -> Iterator[None]:
+    """Decodes in this block give what the pool's pickle of this protocol
+    gives: under protocol 5, numpy sends a non-native array (structured ones
+    aside) in native byte order, same values -- multiprocessing pickles with
+    protocol 4 before Python 3.14, loky with 5."""
+    outer = getattr(_decoding, "protocol", PROTOCOL)
+    _decoding.protocol = protocol
+    try:
+        yield
+    finally:
+        _decoding.protocol = outer
+
+
+def _to_native(dtype: np.dtype) -> bool:
+    return not dtype.isnative and dtype.names is None and getattr(_decoding, "protocol", PROTOCOL) < 5
+
+
 def _view(index: int) -> memoryview:
     views = getattr(_decoding, "views", None)
     if views is None:
@@ -561,18 +584,18 @@ def _note_mutable(values: Any) -> None:
 # -- decoding (module-level functions: spawn and forkserver workers import them)
 
 
-def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str) -> np.ndarray:
+def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str, cls: type = np.ndarray) -> np.ndarray:
     if not dtype.itemsize:  # np.frombuffer refuses (S0, V0): no data anyway
         return np.empty(shape, dtype=dtype, order=order)
     # An empty array too comes from its (empty) view: as writable as the others.
     view = _view(index)
     flat = _unaliased(index, view, np.frombuffer(view, dtype=dtype, count=math.prod(shape)))
-    return flat.reshape(shape, order=order)
+    return _as_pickled(flat.reshape(shape, order=order), view, cls)
 
 
 def _rebuild_strided(index: int, dtype: np.dtype, shape: tuple, strides: tuple, offset: int) -> np.ndarray:
     view = _view(index)
-    return _unaliased(index, view, np.ndarray(shape, dtype=dtype, buffer=view, offset=offset, strides=strides))
+    return _as_pickled(_unaliased(index, view, np.ndarray(shape, dtype=dtype, buffer=view, offset=offset, strides=strides)), view)
 
 
 def _unaliased(index: int, view: memoryview, arr: np.ndarray) -> np.ndarray:
@@ -582,6 +605,15 @@ def _unaliased(index: int, view: memoryview, arr: np.ndarray) -> np.ndarray:
             arr = arr.copy()  # see _shared_memory
         aliased.add(index)  # the next array over this memory copies it
     return arr
+
+
+def _as_pickled(arr: np.ndarray, view: memoryview, cls: type = np.ndarray) -> np.ndarray:
+    """``arr`` as the pool's pickle gives it (``pickled_with``): in native
+    byte order under a protocol below 5; np.memmap as itself."""
+    if _to_native(arr.dtype):
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+        arr.flags.writeable = not view.readonly
+    return arr if cls is np.ndarray else arr.view(cls)
 
 
 def _rebuild_arrow_buffer(index: int):
@@ -596,6 +628,8 @@ def _rebuild_object_array(values: list, shape: tuple, order: str) -> np.ndarray:
 
 
 def _rebuild_in_band(arr: np.ndarray) -> np.ndarray:
+    if _to_native(arr.dtype):
+        arr = pickle.loads(pickle.dumps(arr, protocol=_decoding.protocol))  # what the pool's pickle gives
     if getattr(_decoding, "frozen", None) is None:
         return arr
     mask = getattr(arr, "_mask", None)  # np.ma: the mask is an array of its own

@@ -175,13 +175,21 @@ def _reduce_shared(pickler, obj: Any):
     if leases is not None:
         leases.append(token)
     pickler.__dict__.setdefault("_sharedexec_tokens", []).append(token)
-    return _cache._resolve, (pub.name, mmap_mode, board, lease, registry.pid, _names.HOST, pub.mapping.key, strings)
+    return _cache._resolve, (
+        pub.name, mmap_mode, board, lease, registry.pid, _names.HOST, pub.mapping.key, strings, _protocol(pickler)
+    )
 
 
 def _pickle_plainly(pickler, obj: Any):
     # Its arrays follow in this message: pickle them as they are too.
     pickler.__dict__.setdefault("_sharedexec_plain", set()).update(map(id, _codec.parts(obj)))
     return NotImplemented
+
+
+def _protocol(pickler: pickle.Pickler) -> int:
+    # cloudpickle's pickler (loky's) says; multiprocessing's is the C one, which
+    # does not, and multiprocessing pickles with the default protocol.
+    return getattr(pickler, "proto", pickle.DEFAULT_PROTOCOL)
 
 
 def _pickles_functions(pickler: pickle.Pickler) -> bool:
@@ -361,4 +369,4 @@ def _reduce_result(pickler, obj: Any):
         _warn_full_once(exc)
         return NotImplemented
     created.append(mapping.name)
-    return _cache.claim_result, (mapping.name, mapping.key)
+    return _cache.claim_result, (mapping.name, mapping.key, _protocol(pickler))

@@ -991,12 +991,34 @@ def test_fingerprint_ignores_written_values():
 # -- layouts ------------------------------------------------------------------
 
 
-def test_memmap_comes_back_as_a_plain_array(tmp_path):
+def test_memmap_comes_back_as_a_memmap_without_a_file(tmp_path):
+    """Issue 12 review, finding 6: it came back a plain ndarray; a pickle
+    gives a memmap with no file."""
     mapped = np.memmap(tmp_path / "data.bin", dtype="int32", mode="w+", shape=(5,))
     mapped[:] = np.arange(5)
     got, _ = roundtrip(mapped)
-    assert type(got) is np.ndarray and got.dtype == mapped.dtype
-    np.testing.assert_array_equal(got, mapped)
+    expected = pickle.loads(pickle.dumps(mapped))
+    assert type(got) is np.memmap and vars(got) == vars(expected) == {"_mmap": None, "filename": None, "offset": None,
+                                                                       "mode": None}
+    exact.assert_identical(got, expected, mmap_mode="r")
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+@pytest.mark.parametrize("build", [
+    lambda: np.arange(6, dtype=">i4"),
+    lambda: np.asfortranarray(np.arange(6, dtype=">f8").reshape(2, 3)),
+    lambda: np.array(["ab", "c"], dtype=">U2"),
+    lambda: np.zeros(2, dtype=[("a", ">f8"), ("b", "<i2")]),
+    lambda: np.ma.array(np.arange(4, dtype=">i4"), mask=[0, 1, 0, 0]),
+    lambda: pd.DataFrame({"a": np.arange(3, dtype=">f8"), "b": np.arange(3, dtype=">i2")}),
+], ids=["int", "fortran", "unicode", "structured", "masked", "frame"])
+def test_big_endian_arrays_come_back_as_the_pools_pickle_gives_them(build, protocol):
+    """Issue 12 review, finding 6: multiprocessing pickles with protocol 4
+    before Python 3.14, under which numpy sends them in native byte order."""
+    obj = build()
+    with published(obj) as name, _codec.pickled_with(protocol):
+        got, _ = decode(name)
+    exact.assert_identical(got, pickle.loads(pickle.dumps(obj, protocol=protocol)), mmap_mode="r")
 
 
 def test_layout_holds_no_column_data():

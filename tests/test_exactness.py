@@ -431,9 +431,9 @@ def objects(functions: bool = False, polars: bool = False) -> st.SearchStrategy:
 
 
 def _stdlib_bytes(obj: Any) -> bytes:
-    # Protocol 5, the stdlib's default from Python 3.14 (and loky's): under
-    # protocol 4 numpy turns a big-endian array into a native-order one.
-    return bytes(ForkingPickler.dumps(obj, protocol=5))
+    # What multiprocessing sends: its default protocol (4 before Python 3.14,
+    # under which numpy turns a big-endian array into a native-order one).
+    return bytes(ForkingPickler.dumps(obj))
 
 
 def _loky_bytes(obj: Any) -> bytes:
