@@ -25,9 +25,10 @@ Then it writes into its object every way it can; the same object goes to the
 same worker again (one worker; joblib sends three tasks to its two), which
 must see it unchanged.
 
-The stdlib's bytes are pickled with protocol 5, the default of the stdlib's
-pickler from Python 3.14 and loky's: under protocol 4 (3.11 to 3.13) numpy
-sends big-endian arrays in native byte order and read-only arrays writable.
+The stdlib's bytes are pickled as multiprocessing pickles them, with its
+default protocol (4 on Python 3.11 to 3.13, 5 from 3.14), loky's with 5: under
+protocol 4 numpy sends big-endian arrays in native byte order and read-only
+arrays writable, and sharedexec gives each pool what its protocol gives.
 
 One warm pool per entry point and start method; 1 to 6 objects per example.
 The CI profile (``tests/conftest.py``: 12 examples per pool, derandomized,
