@@ -39,7 +39,7 @@ def _in_segment(arr) -> bool:
 
 def cache_names(_=None):
     _cache.CACHE.sweep()
-    return sorted(name for name, _strings in _cache.CACHE._entries)
+    return sorted(name for name, *_way in _cache.CACHE._entries)
 
 
 def set_cache_budget(budget):
