@@ -595,7 +595,8 @@ def _rebuild_ndarray(index: int, dtype: np.dtype, shape: tuple, order: str, cls:
 
 def _rebuild_strided(index: int, dtype: np.dtype, shape: tuple, strides: tuple, offset: int) -> np.ndarray:
     view = _view(index)
-    return _as_pickled(_unaliased(index, view, np.ndarray(shape, dtype=dtype, buffer=view, offset=offset, strides=strides)), view)
+    arr = np.ndarray(shape, dtype=dtype, buffer=view, offset=offset, strides=strides)
+    return _as_pickled(_unaliased(index, view, arr), view)
 
 
 def _unaliased(index: int, view: memoryview, arr: np.ndarray) -> np.ndarray:
