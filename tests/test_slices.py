@@ -30,6 +30,7 @@ pa = pytest.importorskip("pyarrow")
 install_hooks()
 
 ROWS = 40_000
+ALIGNMENT = 64 * 8  # a segment aligns each buffer to 64 bytes
 
 
 @pytest.fixture
@@ -110,9 +111,15 @@ def test_a_slice_of_data_already_in_shared_memory_copies_nothing(registry, make,
         send(frame)  # published for an earlier task; the caller keeps the frame
     piece = cut(frame)
     nbytes, got = copied(registry, piece)
-    # A column subset has new labels (pandas takes them): a few bytes, copied.
-    new_labels = piece.columns if piece.ndim == 2 and not piece.columns.equals(frame.columns) else None
-    assert nbytes == 0 or nbytes <= new_labels.nbytes + 3 * 64
+    if source == "published" and make is extension_frame:
+        # The numpy arrays inside extension arrays may have been written in
+        # place since (no copy-on-write reference sees it): only memory that
+        # provably kept its bytes is reused (issue 12 review, finding 3).
+        assert nbytes <= _codec.nbytes(piece) + ALIGNMENT
+    else:
+        # A column subset has new labels (pandas takes them): a few bytes, copied.
+        new_labels = piece.columns if piece.ndim == 2 and not piece.columns.equals(frame.columns) else None
+        assert nbytes == 0 or nbytes <= new_labels.nbytes + 3 * 64
     exact.assert_identical(got, piece, mmap_mode="r")
 
 
@@ -120,9 +127,6 @@ def stdlib(obj: Any) -> Any:
     """What a stdlib worker receives: a compact copy of a slice (strides and
     Arrow offsets are how the caller holds it, not what it holds)."""
     return pickle.loads(ForkingPickler.dumps(obj))
-
-
-ALIGNMENT = 64 * 8  # a segment aligns each buffer to 64 bytes
 
 
 @pytest.mark.parametrize("cut", [*SLICES.values(), *COPIES.values()], ids=[*SLICES, *COPIES])
