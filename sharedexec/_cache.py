@@ -305,17 +305,23 @@ def write_result(obj: Any, owner_pid: int, cloudpickle_fallback: bool = False) -
     return mapping
 
 
-def remove_orphan_results(owner_pid: int) -> list[str]:
+def remove_orphan_results(owner_pid: int, creators: set[int] | None = None) -> list[str]:
     """Unlink results written for ``owner_pid`` by workers that died before
     the result reached it (a worker killed mid-send: joblib kills busy
-    workers when a task fails). Call only when no result of a dead worker
-    can still be on its way: after an executor's shutdown, a batch's abort."""
+    workers when a task fails; a terminated pool's). Call only when no result
+    of a dead worker (of ``creators``, if given) can still be on its way:
+    after an executor's shutdown, a batch's abort, a pool's termination."""
     removed = []
     # Only our own files are opened: another user's files named for our pid
     # cost an lstat each, not an open (a DoS amplifier otherwise).
     for name in _segment.list_owned_by(owner_pid):
         creator = _segment.creator_of(name)
-        if creator is not None and creator != owner_pid and not _names.pid_alive(creator):
+        if (
+            creator is not None
+            and creator != owner_pid
+            and (creators is None or creator in creators)
+            and not _names.pid_alive(creator)
+        ):
             _segment.retire(name)
             removed.append(name)
     return removed

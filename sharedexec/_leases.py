@@ -21,21 +21,24 @@ Once the worker has mapped it, the kernel's flock says who still needs it
 
 A message can be pickled and never delivered: ``Pool.terminate()`` (leaving
 ``with Pool()``, Ctrl-C) drops the tasks still queued, a broken executor drops
-its call queue. Nobody clears those slots. Two ways end them:
+its call queue. Nobody clears those slots. Each lease remembers the thread that
+pickled it -- a pool's own thread (a ``Pool``'s task handler, an executor's
+queue feeder) -- and the pools' terminations end that thread's leases once its
+workers are gone (:func:`end_pickled_by`, hooked in by
+``_sharing.install_hooks``). An executor's future ends its task's leases when
+it is done.
 
-* each lease remembers the thread that pickled it -- a pool's own thread (a
-  ``Pool``'s task handler, an executor's queue feeder) -- and the pools'
-  terminations end that thread's leases once its workers are gone
-  (:func:`end_pickled_by`, hooked in by ``_sharing.install_hooks``);
-* whatever the pool: every pool worker is a multiprocessing child of the
-  publisher, so once no child of ours is alive and no lease was taken for a
-  grace period, no process can read a queued message any more
-  (:meth:`Board.unreachable`), and the registry ends every lease on the board.
+Nothing else ends a lease: in particular, no process's absence does. A message
+in a pipe or a ``Queue`` (a ``share()``d object put there before any consumer
+is started, a ``Pool`` replacing its worker) is read by a process that may not
+exist yet, so "no child alive now" never means "nobody will read it". A lease
+of a message no pool sends (a ``share()``d object in a ``Queue`` or in a
+``Process``' arguments) ends when a process reads it, else at exit (or by the
+reaper, if we are killed).
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 import time
 import weakref
@@ -47,8 +50,8 @@ from . import _segment
 
 BOARD_SLOTS = 1 << 20
 NO_SLOT = -1
-# Leases younger than this may belong to a message being handed to a process
-# that is starting (``Process.start`` pickles before the child is a child).
+# A publication leased this recently stays even once nobody needs it: the
+# next task of the same step usually follows at once, and would copy it again.
 GRACE_SECONDS = 1.0
 # A thread's list of tokens is pruned of ended ones when it grows past this.
 _PRUNE_AT = 4096
@@ -132,16 +135,6 @@ class Board:
         with self._lock:
             for token in self._by_thread.pop(thread, []):
                 self._end(token)
-
-    def unreachable(self) -> bool:
-        """Whether no process can read a message pickled so far: no lease
-        taken for a grace period, and no multiprocessing child alive."""
-        return time.monotonic() - self.last_taken > GRACE_SECONDS and not multiprocessing.active_children()
-
-    def end_all(self) -> None:
-        with self._lock:
-            self._mm[_segment.ALIGN : _segment.ALIGN + BOARD_SLOTS] = bytes(BOARD_SLOTS)
-            self._by_thread.clear()
 
     def retire(self) -> None:
         with self._lock:

@@ -181,10 +181,10 @@ class Registry:
             if pub is not None:
                 self.counters["reuse_hits"] += 1
                 return pub
-            self._start_collector()
             _segment.prepare_owner()
             if self._board is None:  # first, so that a full directory fails here, not in lease()
                 self._board = _leases.Board(self.pid)
+            self._start_collector()
             copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
             layout, buffers = _codec.encode(obj, cloudpickle_fallback, self._in_shared, copies)
             unchanging = _codec.unchanging_memory(obj)
@@ -227,6 +227,7 @@ class Registry:
                 type(obj).__name__, getattr(obj, "shape", ""), pub.name,
                 _segment.format_bytes(copied), _segment.format_bytes(pub.nbytes - copied), len(depends),
             )
+            self._wake.set()  # a collector idle since its last release polls again
             return pub
 
     def _bind(self, pub: Publication, obj: Any) -> None:
@@ -397,6 +398,9 @@ class Registry:
             self._collector.start()
 
     def _collect_forever(self) -> None:
+        # Polls while anything is published: what ends a need -- a worker
+        # clearing a slot, a worker exiting (the kernel drops its flock) --
+        # tells this process nothing. Idle otherwise, until a publication.
         while True:
             self._wake.wait(POLL_SECONDS if self._by_name or self._board is not None else None)
             self._wake.clear()
@@ -414,9 +418,6 @@ class Registry:
                         self._shared_ids.discard(pub.key)
                     self._forget_buffers(pub)
                     self._waiting.add(pub)
-            leased = self._board is not None and any(pub.slots for pub in self._by_name.values())
-            if leased and self._board.unreachable():
-                self._board.end_all()  # messages nobody can read any more
             for pub in list(self._waiting):
                 if self._unleased(pub):
                     self._release(pub)

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from . import _cache, _codec, _leases, _names, _registry, _segment, _worker
+from . import _cache, _codec, _leases, _names, _reaper, _registry, _segment, _worker
 from ._errors import SharedExecWarning, SharedMemoryFullError
 
 MMAP_MODES = ("r", "c")
@@ -256,9 +256,15 @@ _install_lock = threading.Lock()
 _installed = False
 
 
-def _end_leases_after(cls: type, name: str, pickling_thread: Callable[[inspect.BoundArguments], Any]) -> None:
+def _end_pool_after(
+    cls: type,
+    name: str,
+    pickling_thread: Callable[[inspect.BoundArguments], Any],
+    workers: Callable[[inspect.BoundArguments], Any],
+) -> None:
     """Make ``cls.name`` -- a pool's termination -- end the leases of the
-    messages its pickling thread sent, which no worker will read now."""
+    messages its pickling thread sent, which no worker will read now, and
+    remove the results its workers wrote that nobody will claim now."""
     original = cls.__dict__[name]
     function = original.__func__ if isinstance(original, classmethod) else original
     if getattr(function, "__sharedexec__", False):
@@ -267,10 +273,17 @@ def _end_leases_after(cls: type, name: str, pickling_thread: Callable[[inspect.B
 
     @functools.wraps(function)
     def terminate(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
         try:
             return function(*args, **kwargs)
         finally:
-            _leases.end_pickled_by(pickling_thread(signature.bind(*args, **kwargs)))
+            _leases.end_pickled_by(pickling_thread(bound))
+            # Results in flight when the pool went (``with Pool()`` left
+            # while imap results were being sent): the result handler that
+            # would have claimed them is gone with it.
+            pids = {process.pid for process in workers(bound) or ()}
+            if pids and _reaper.watching():
+                _cache.remove_orphan_results(os.getpid(), creators=pids)
 
     terminate.__sharedexec__ = True
     setattr(cls, name, classmethod(terminate) if isinstance(original, classmethod) else terminate)
@@ -278,6 +291,10 @@ def _end_leases_after(cls: type, name: str, pickling_thread: Callable[[inspect.B
 
 def _call_queue_feeder(bound: inspect.BoundArguments) -> Any:
     return getattr(bound.arguments["self"].call_queue, "_thread", None)
+
+
+def _executor_workers(bound: inspect.BoundArguments) -> Any:
+    return list((getattr(bound.arguments["self"], "processes", None) or {}).values())
 
 
 def install_hooks() -> None:
@@ -293,9 +310,12 @@ def install_hooks() -> None:
         _installed = True
         # Messages pickled but never delivered (see _leases): a Pool's task
         # handler pickles its tasks, an executor's queue feeder its call items.
-        _end_leases_after(multiprocessing.pool.Pool, "_terminate_pool", lambda b: b.arguments["task_handler"])
-        _end_leases_after(concurrent.futures.process._ExecutorManagerThread, "terminate_broken", _call_queue_feeder)
-        _end_leases_after(loky_executor._ExecutorManagerThread, "terminate_broken", _call_queue_feeder)
+        _end_pool_after(
+            multiprocessing.pool.Pool, "_terminate_pool", lambda b: b.arguments["task_handler"],
+            lambda b: [p for p in b.arguments["pool"] if hasattr(p, "pid")],  # a ThreadPool's are threads
+        )
+        for manager in (concurrent.futures.process._ExecutorManagerThread, loky_executor._ExecutorManagerThread):
+            _end_pool_after(manager, "terminate_broken", _call_queue_feeder, _executor_workers)
         for cls in (ForkingPickler, loky_reduction.get_loky_pickler()):
             current = getattr(cls, "reducer_override", None)
             if not getattr(current, "__sharedexec__", False):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pandas as pd
 
 import sharedexec
@@ -104,3 +105,21 @@ class PidEstimator(RegressorMixin, BaseEstimator):
 
     def score(self, X, y):
         return float(os.getpid())
+
+
+def consume_checksums(queue, count: int, out: str) -> None:
+    """Read ``count`` frames from ``queue``; write their checksums to ``out``."""
+    sums = [checksum(queue.get()) for _ in range(count)]
+    with open(out, "w") as f:
+        f.write(repr(sums))
+
+
+@sharedexec.shared(min_bytes=1000)
+def shared_slow_checksum(df):
+    time.sleep(1.5)  # longer than the lease grace period
+    return checksum(df)
+
+
+@sharedexec.shared
+def shared_big_result(i: int):
+    return np.full(2_000_000, i, dtype=np.float64)  # 16 MB: sent through shared memory

@@ -10,6 +10,7 @@ import concurrent.futures
 import gc
 import glob
 import multiprocessing
+import multiprocessing.pool
 import os
 import subprocess
 import sys
@@ -154,6 +155,75 @@ def test_idle_segment_stays_while_a_worker_maps_it(df):
         assert sharedexec.stats()["segments"] >= 1
         ex.submit(tasks.frame_checksum, df).result()
         assert sharedexec.stats()["publications"] == published
+
+
+def no_file_left() -> bool:
+    """No sx_ file of ours, asked of the directory alone: no stats(), no
+    collect(), no gc -- what a user who never calls them sees."""
+    return owned_segments() == []
+
+
+def test_memory_comes_back_with_nobody_asking(mp_context, df):
+    """The collector alone releases: nothing calls stats() or collect(), no
+    object dies; twice, so also after the lease board was retired once."""
+    for _ in range(2):
+        with sharedexec.ProcessPoolExecutor(2, mp_context=mp_context, min_bytes=1000) as ex:
+            assert ex.submit(tasks.frame_checksum, df).result() == checksum(df)
+        wait_until(no_file_left, RETURN_SECONDS)
+    pool = mp_context.Pool(2)
+    assert pool.map(tasks.shared_checksum, [(df, None)] * 2) == [checksum(df)] * 2
+    pool.close()
+    pool.join()
+    wait_until(no_file_left, RETURN_SECONDS)
+    assert sharedexec.stats()["segments"] == 0
+
+
+def test_shared_frames_queued_before_any_consumer(tmp_path):
+    """share()d frames put in a Queue, their consumer started seconds later
+    (no child of ours alive meanwhile): the segments stay for it."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    frames = [make_frame(20_000, seed=k) for k in range(3)]
+    for frame in frames:
+        queue.put(sharedexec.share(frame))  # the shared copy is dropped at once
+    time.sleep(2 * _leases.GRACE_SECONDS + 0.5)
+    out = tmp_path / "sums.txt"
+    consumer = ctx.Process(target=tasks.consume_checksums, args=(queue, len(frames), str(out)))
+    consumer.start()
+    consumer.join(60)
+    assert consumer.exitcode == 0
+    assert out.read_text() == repr([checksum(f) for f in frames])
+    assert_memory_comes_back()
+
+
+def test_pool_replacing_its_worker_keeps_queued_segments(monkeypatch, df):
+    """Pool(1, maxtasksperchild=1): between a worker's exit and its
+    successor's start no child of ours lives, and the queued task (leased
+    long ago) still names its segment."""
+    original = multiprocessing.pool.Pool._repopulate_pool_static
+    calls = []
+
+    def late_repopulate(*args, **kwargs):
+        if calls:
+            time.sleep(0.5)  # the worker handler descheduled: a wide window
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "_repopulate_pool_static", staticmethod(late_repopulate))
+    with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+        results = [pool.apply_async(tasks.shared_slow_checksum, (df,)) for _ in range(2)]
+        assert [r.get(60) for r in results] == [checksum(df)] * 2
+    assert_memory_comes_back()
+
+
+def test_results_in_flight_when_the_pool_terminates():
+    """``with Pool()`` left while workers still send large results (imap
+    left early): the results nobody will claim go with the pool."""
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.imap_unordered(tasks.shared_big_result, range(40))
+        next(results)
+        time.sleep(1.0)  # the workers write more results meanwhile
+    wait_until(no_file_left, RETURN_SECONDS)
 
 
 # -- the other lifetime defects ---------------------------------------------------
