@@ -564,7 +564,26 @@ def drop_hold(held: Hold) -> None:
         if held.refs == 0:
             if _holds.get(held.name) is held:
                 del _holds[held.name]
+            if held.fd >= 0:  # not one a fork closed (_forget_holds_in_child)
+                os.close(held.fd)
+
+
+def _forget_holds_in_child() -> None:
+    # A forked child inherits our descriptors, and a flock belongs to the
+    # open file, not the process: the child's copy would hold the segment
+    # "in use" for as long as the child lives, after we dropped it. Its
+    # inherited mappings stay valid without it (an unlinked file stays mapped).
+    global _holds, _holds_lock
+    for held in _holds.values():
+        try:
             os.close(held.fd)
+        except OSError:
+            pass
+        held.fd = -1
+    _holds, _holds_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_holds_in_child)
 
 
 def hold(name: str, directory: str | None = None) -> Hold | None:

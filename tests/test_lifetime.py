@@ -12,6 +12,7 @@ import glob
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,7 @@ import pandas as pd
 import pytest
 
 import sharedexec
-from sharedexec import _cache, _leases, _registry
+from sharedexec import _cache, _leases, _registry, _segment
 
 from . import _lifetime_tasks as tasks
 from ._tasks import checksum, make_frame, touch, wait_until
@@ -196,7 +197,7 @@ def test_shared_frames_queued_before_any_consumer(tmp_path):
     assert_memory_comes_back()
 
 
-def test_pool_replacing_its_worker_keeps_queued_segments(monkeypatch, df):
+def test_pool_replacing_its_worker_keeps_queued_segments(monkeypatch):
     """Pool(1, maxtasksperchild=1): between a worker's exit and its
     successor's start no child of ours lives, and the queued task (leased
     long ago) still names its segment."""
@@ -204,13 +205,16 @@ def test_pool_replacing_its_worker_keeps_queued_segments(monkeypatch, df):
     calls = []
 
     def late_repopulate(*args, **kwargs):
-        if calls:
-            time.sleep(0.5)  # the worker handler descheduled: a wide window
+        if calls:  # the worker handler descheduled: a wide window, and a collection in it
+            time.sleep(0.5)
+            _registry.REGISTRY.collect()
         calls.append(1)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(multiprocessing.pool.Pool, "_repopulate_pool_static", staticmethod(late_repopulate))
     with multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1) as pool:
+        pool.apply(tasks.shared_slow_checksum, (make_frame(20_000, seed=1),))  # a first step, over
+        df = make_frame(60_000, strings=None)
         results = [pool.apply_async(tasks.shared_slow_checksum, (df,)) for _ in range(2)]
         assert [r.get(60) for r in results] == [checksum(df)] * 2
     assert_memory_comes_back()
@@ -310,6 +314,25 @@ def test_unjoined_child_outlives_our_exit_hook(tmp_path):
     proc = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert out.read_text() == repr(checksum(make_frame(20_000)))
+
+
+def test_forked_child_maps_while_we_hold_the_holds_lock():
+    """A child forked while another thread of ours maps a segment (holding
+    the table of flocks' lock) starts with a table and a lock of its own."""
+    shared = sharedexec.share(make_frame(20_000))
+    name = _registry.REGISTRY.shared_publication(shared).name
+    with _segment._holds_lock:  # another thread, mid-attach
+        pid = os.fork()
+        if pid == 0:
+            held = _segment.hold(name)
+            os._exit(0 if held is not None and held.refs == 1 else 1)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def test_late_end_of_a_wrapped_lease_never_ends_a_newer_one(monkeypatch):
