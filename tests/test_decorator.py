@@ -85,6 +85,7 @@ def test_undecorated_functions_and_queues_are_unchanged(df):
     assert len(message) > df["a"].nbytes  # the frame itself, as before
     shared_message = ForkingPickler.dumps((tasks.shared_len, (df, 1)))
     assert len(shared_message) < 600
+    pickle.loads(shared_message)  # read, as a worker would: a message never read keeps its lease
     # what an mp.Queue sends: ForkingPickler.dumps of the item, unarmed
     assert len(ForkingPickler.dumps(df)) > df["a"].nbytes
 
@@ -127,7 +128,9 @@ def test_no_task_fails_when_its_frame_is_dropped_early(mp_context):
 
 def test_share_sends_handles_through_any_multiprocessing_pickle(mp_context, df):
     shared = sharedexec.share(df)
-    assert len(ForkingPickler.dumps(shared)) < 400
+    message = ForkingPickler.dumps(shared)
+    assert len(message) < 400
+    pickle.loads(message)  # read: a message never read keeps its lease
     with mp_context.Pool(1) as pool:
         received, _ = pool.apply(tasks.plain_describe, (shared,))
     assert received == ("DataFrame", int(pd.util.hash_pandas_object(df).sum()), True)
