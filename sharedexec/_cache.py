@@ -42,6 +42,10 @@ except (AttributeError, ValueError, OSError):  # Windows, or a platform without 
     _PHYS_BYTES = 8 << 30
 CACHE_ENV = "SHAREDEXEC_WORKER_CACHE_BYTES"
 _SWEEP_SECONDS = 0.5
+# A task sweeps (one read per cached segment) at most this often: tasks of a
+# few milliseconds over a large cache would otherwise pay it every time. A
+# retired entry is never hit meanwhile: no new handle names a retired segment.
+_TASK_SWEEP_SECONDS = 0.05
 _UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
           "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -91,6 +95,7 @@ class WorkerCache:
         self._boards: dict[str, _segment.Mapping] = {}
         self._holds: dict[str, _segment.Hold] = {}  # segments of mmap_mode="c" tasks
         self._sweeper: threading.Thread | None = None
+        self._swept = 0.0  # time.monotonic() of the last sweep
 
     def resolve(self, handle: Handle) -> Any:
         try:
@@ -182,9 +187,15 @@ class WorkerCache:
             _, entry = self._entries.popitem(last=False)
             total -= entry.nbytes
 
+    def sweep_if_due(self) -> None:
+        """:meth:`sweep`, unless one ran in the last ``_TASK_SWEEP_SECONDS``."""
+        if time.monotonic() - self._swept >= _TASK_SWEEP_SECONDS:
+            self.sweep()
+
     def sweep(self) -> None:
         """Drop entries, holds and lease boards whose publisher retired them."""
         retired = _segment.STATE_RETIRED
+        self._swept = time.monotonic()
         with self._lock:
             for name in [n for n, e in self._entries.items() if e.mapping.state() == retired]:
                 del self._entries[name]

@@ -96,7 +96,7 @@ def enter_task() -> None:
     watch_parent()
     if not _guard_patched:
         _exclude_shared_pages_from_loky_guard()
-    _cache.CACHE.sweep()
+    _cache.CACHE.sweep_if_due()
 
 
 @contextlib.contextmanager

@@ -433,3 +433,24 @@ def test_grid_search_keeps_its_two_workers_on_a_300_mb_frame():
     assert loky_complaints(caught) == []
     pids = {int(p) for k in ("split0_test_score", "split1_test_score") for p in search.cv_results_[k]}
     assert len(pids) == 2, (sklearn.__version__, pids)
+
+
+def test_back_to_back_tasks_sweep_the_worker_cache_once(monkeypatch):
+    """A task's sweep reads every cached segment's header: tasks that follow
+    each other within milliseconds pay it once, whatever the cache holds."""
+    from sharedexec import _worker
+
+    reads = []
+
+    class Mapping:
+        def state(self) -> int:
+            reads.append(1)
+            return 0  # live
+
+    cache = _cache.WorkerCache(budget=1 << 40)
+    cache._entries.update({(str(k), "exact"): _cache._Entry(None, Mapping(), 0, False) for k in range(100)})
+    monkeypatch.setattr(_cache, "CACHE", cache)
+    monkeypatch.setattr(_worker, "_guard_patched", True)  # nothing else of enter_task
+    for _ in range(10):
+        _worker.enter_task()
+    assert len(reads) == 100
