@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ import pandas as pd
 
 from sharedexec.bench import report, tasks
 from sharedexec.bench.approaches import _sharedexec, _warm_up
-from sharedexec.bench.runner import Result, _meter, _NoMeter, _settle
+from sharedexec.bench.runner import Result, _meter, _NoMeter, run_guarded
 
 # map(task, pieces) -> the results of task(piece_i, i), in order
 Map = Callable[[Callable[[Any, int], int], Sequence[Any]], Iterator[int]]
@@ -221,20 +220,7 @@ def run(
         approach=approach.key, label=approach.label, note=approach.note, string_kind=string_kind,
         task=task.__name__, workers=workers, tasks=n, frame_bytes=frame_bytes, rows=len(frame), phase=scenario,
     )
-    reason = approach.unavailable()
-    if reason:
-        result.status, result.reason = "unavailable", reason
-        return result
-    from sharedexec.bench.memory import shm_total_bytes
-
-    shm_before = shm_total_bytes()
-    try:
-        _measure(result, approach, task, frame.copy(), n, workers, ctx)
-    except Exception as exc:
-        result.status, result.reason = "error", f"{type(exc).__name__}: {exc}"
-        result.traceback = traceback.format_exc()
-    result.shm_left_bytes = _settle(shm_before)
-    return result
+    return run_guarded(result, approach, lambda: _measure(result, approach, task, frame.copy(), n, workers, ctx))
 
 
 def _measure(result: Result, approach: PieceApproach, task: Any, frame: pd.DataFrame, n: int, workers: int, ctx: Any) -> None:

@@ -130,16 +130,23 @@ def run_approach(
         rows=len(frame),
         phase=phase,
     )
+    # A copy of its own for every run: a library that keeps a frame published while
+    # the object lives (sharedexec does, across pools) must not serve this run from
+    # an earlier run's segment, which would hide this run's publication and memory.
+    return run_guarded(result, approach, lambda: _measure(result, approach, frame.copy(), task, n, workers, ctx, on_result))
+
+
+def run_guarded(result: Result, approach: Any, measure: Callable[[], None]) -> Result:
+    """Fill ``result`` by ``measure()``, unless ``approach`` is unavailable here;
+    an error becomes the row's status, and what the run left in shared memory
+    is recorded."""
     reason = approach.unavailable()
     if reason:
         result.status, result.reason = "unavailable", reason
         return result
     shm_before = shm_total_bytes()
     try:
-        # A copy of its own for every run: a library that keeps a frame published while
-        # the object lives (sharedexec does, across pools) must not serve this run from
-        # an earlier run's segment, which would hide this run's publication and memory.
-        _measure(result, approach, frame.copy(), task, n, workers, ctx, on_result)
+        measure()
     except Exception as exc:
         result.status, result.reason = "error", f"{type(exc).__name__}: {exc}"
         result.traceback = traceback.format_exc()
