@@ -89,11 +89,13 @@ def touch_columns(df: pd.DataFrame, k: int, seconds: float = 0.0):
 
 try:
     from sklearn.base import BaseEstimator, RegressorMixin
-except ImportError:  # scikit-learn is a test extra
-    BaseEstimator = RegressorMixin = object
+
+    _ESTIMATOR_BASES: tuple[type, ...] = (RegressorMixin, BaseEstimator)
+except ImportError:  # scikit-learn is a test extra (the compat run has none)
+    _ESTIMATOR_BASES = (object,)
 
 
-class PidEstimator(RegressorMixin, BaseEstimator):
+class PidEstimator(*_ESTIMATOR_BASES):
     """An estimator whose score is the pid of the worker that ran it."""
 
     def __init__(self, shift: float = 0.0):
