@@ -17,8 +17,9 @@ class does not:
   is no ``track=False``). Crash cleanup is done by :mod:`sharedexec._reaper`,
   which knows every segment of an owner by its name;
 * exact byte sizes and a 0600, ``O_EXCL`` creation with an unguessable name;
-* ``posix_fallocate`` before the first write, so a too small tmpfs fails with
-  ENOSPC instead of SIGBUS at the first touched page (cpython#114390);
+* writes that a too small tmpfs refuses with ENOSPC instead of SIGBUS at the
+  first touched page (cpython#114390): ``pwrite``, or ``posix_fallocate``
+  before the first write through a mapping;
 * the same code for ``/dev/shm`` and for file-backed segments on disk.
 
 Layout of a segment::
@@ -364,9 +365,10 @@ def create(
     """Create a segment holding ``buffers`` at the offsets ``offsets_for``
     gives, followed by ``layout``, and return the creator's mapping.
 
-    Every page is reserved with ``posix_fallocate`` before it is touched, so a
-    directory without room raises :class:`SharedMemoryFullError` -- never
-    SIGBUS (cpython#114390) -- and nothing is left behind.
+    Every page is written with ``pwrite`` or reserved with ``posix_fallocate``
+    before it is touched (``_fill``), so a directory without room raises
+    :class:`SharedMemoryFullError` -- never SIGBUS (cpython#114390) -- and
+    nothing is left behind.
     """
     store = current_store(directory)
     offsets, layout_offset = offsets_for([buf.nbytes for buf in buffers])
@@ -774,15 +776,27 @@ if hasattr(os, "register_at_fork"):
 
 
 def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store) -> None:
-    """Reserve, fault in and copy each ``(offset, source)``, in chunks.
+    """Write each ``(offset, source)`` into the segment, in chunks.
 
     A fresh tmpfs page costs more to allocate and map than to copy into: the
-    naive ``ftruncate`` + copy runs at about 1 GB/s here, all of it on one core
-    in page faults. Each chunk is reserved (``posix_fallocate``), its page
-    tables filled in one call (``MADV_POPULATE_WRITE``, Linux 5.14+; older
-    kernels just fault on first touch) and then copied -- on two threads for
-    large totals, since both the kernel work and numpy's copy run without the
-    GIL. Measured by benchmarks/publish_speed.py."""
+    naive ``ftruncate`` + copy through the mapping runs at about 1 GB/s here,
+    all of it on one core in page faults. Where the store is a file
+    (``store.writable``: Linux) the bytes go in with ``pwrite``: the kernel
+    allocates each page and copies into it without mapping it into this
+    process -- no page tables to fill, half the CPU time of reserving
+    (``posix_fallocate``) and faulting in (``MADV_POPULATE_WRITE``) the pages
+    first, and a full tmpfs answers ENOSPC, never SIGBUS (cpython#114390). One
+    thread: tmpfs serialises writes to one file (the inode lock), and the
+    core left free runs the workers reading earlier pieces. Elsewhere (macOS
+    refuses ``write`` on shared-memory objects) each chunk is reserved, its
+    page tables filled in one call (Linux 5.14+; older kernels just fault on
+    first touch) and copied through the mapping, on two threads for large
+    totals: the kernel work and numpy's copy run without the GIL. Measured by
+    benchmarks/publish_speed.py."""
+    if store.writable:
+        for offset, source in placed:
+            _write_all(fd, source, offset, len(view), store)
+        return
     target = np.frombuffer(view, dtype=np.uint8)
     base = target.ctypes.data
     jobs = []
@@ -814,3 +828,20 @@ def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store
             run(job)
     else:
         list(_get_copy_pool().map(run, jobs))
+
+
+def _write_all(fd: int, source: memoryview, offset: int, size: int, store) -> None:
+    """``pwrite`` all of ``source`` at ``offset``, in chunks (a short write
+    -- a signal, a full file system -- goes on where it stopped)."""
+    source = source.cast("B") if source.ndim != 1 or source.format != "B" else source
+    done = 0
+    while done < source.nbytes:
+        try:
+            n = os.pwrite(fd, source[done : done + _COPY_CHUNK], offset + done)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise _full_error(size, store) from None
+            raise
+        if n == 0:  # no progress, no error: treat as full rather than loop
+            raise _full_error(size, store)
+        done += n

@@ -52,6 +52,7 @@ class TmpfsStore:
     kind = "tmpfs"
     exact_size = True  # fstat gives the size ftruncate set
     listable = True
+    writable = True  # filled with pwrite (see _segment._fill)
 
     def __init__(self, directory: str):
         self.directory = directory
@@ -93,6 +94,7 @@ class PosixStore:
     kind = "posix"
     exact_size = False  # macOS rounds fstat's size up to a page
     listable = sys.platform.startswith("linux")  # Linux shows them in /dev/shm; macOS shows nothing
+    writable = listable  # Linux: tmpfs files; macOS refuses write(2) on a shm object
     where = "POSIX shared memory"
     # Linux's shm objects are files in this tmpfs: its free space is theirs.
     _LINUX_DIR = "/dev/shm"

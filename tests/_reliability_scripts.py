@@ -407,8 +407,9 @@ def scenario_shm_full(directory: str) -> None:
         report["expected"] = expected
 
         # The free-space check can be wrong (another process fills the tmpfs
-        # between the check and the allocation): posix_fallocate must still
-        # turn that into an error, never a SIGBUS at the first write.
+        # between the check and the allocation): the write (pwrite, or
+        # posix_fallocate before writing through a mapping) must still turn
+        # that into an error, never a SIGBUS at the first write.
         real_free = _segment.free_bytes
         _segment.free_bytes = lambda d=None: (1 << 40, 1 << 40)
         try:

@@ -385,7 +385,7 @@ def test_shm_too_small_falls_back_or_raises_never_sigbus(tmp_path):
     assert re.search(r"cannot create a [\d.]+ MB shared-memory segment: .* has [\d.]+ MB free of 16\.8 MB", raised["message"])
     assert report["after_raise"] == report["small_expected"]
 
-    # The free-space check was fooled: posix_fallocate still refuses cleanly.
+    # The free-space check was fooled: the write still refuses cleanly.
     assert report["fallocate"]["raised"] == "SharedMemoryFullError", report["fallocate"]
     assert report["other_warnings"] == []
     assert len(report["left"]) <= 1  # the lease board of the (still running) child

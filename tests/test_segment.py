@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import namedtuple
@@ -9,7 +10,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 
-from sharedexec import SharedMemoryFullError, _names, _segment
+from sharedexec import SharedMemoryFullError, _names, _segment, _store
 from sharedexec._errors import SegmentCorruptError, SegmentNotFoundError, SharedMemoryError
 
 
@@ -91,11 +92,17 @@ def test_full_directory_is_a_clear_error(monkeypatch, tmp_path):
     assert isinstance(info.value, OSError) and list(tmp_path.iterdir()) == []
 
 
-def test_fallocate_failure_is_a_clear_error_and_leaves_nothing(monkeypatch, tmp_path):
-    def no_space(fd, offset, length):
-        raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "fallocate"])
+def test_a_full_file_system_is_a_clear_error_and_leaves_nothing(monkeypatch, tmp_path, writable):
+    """The free-space check passed, then the file system filled up: the
+    write (``pwrite``) or the reservation before writing through the mapping
+    (where the store cannot be written to, macOS) fails with ENOSPC."""
 
-    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    def no_space(fd, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_store.TmpfsStore, "writable", writable)
+    monkeypatch.setattr(os, "pwrite" if writable else "posix_fallocate", no_space)
     with pytest.raises(SharedMemoryFullError, match="cannot create a"):
         _segment.create([memoryview(bytes(1 << 20))], b"", os.getpid(), directory=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
@@ -116,8 +123,11 @@ def test_file_backed_directory(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("total", [1000, 200 << 20])  # one thread, then two
-def test_create_copies_buffers_and_layout(total):
+@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "mapping"])
+@pytest.mark.parametrize("total", [1000, 200 << 20])  # through a mapping: one thread, then two
+def test_create_copies_buffers_and_layout(monkeypatch, total, writable):
+    monkeypatch.setattr(_store.TmpfsStore, "writable", writable)
+    monkeypatch.setattr(_store.PosixStore, "writable", writable)
     sources = [np.random.default_rng(i).integers(0, 255, total // 3 + i, dtype=np.uint8) for i in range(3)]
     mapping = _segment.create([memoryview(src) for src in sources], b"the layout", os.getpid())
     try:
