@@ -1,9 +1,9 @@
 """First publication of a large frame: sharedexec vs a naive SharedMemory copy.
 
 The naive way -- ``SharedMemory(create=True, size=n)`` then copying each block
-into it -- pays a page fault per 4 KiB page on first touch and copies on one
-thread. sharedexec reserves the pages with ``posix_fallocate``, maps them with
-``MAP_POPULATE`` and copies on two threads (numpy releases the GIL). Both sides
+into it -- pays a page fault per 4 KiB page on first touch. sharedexec writes
+the buffers into the segment's file with ``pwrite`` (Linux): the kernel
+allocates and fills each page without mapping it into the process. Both sides
 copy the same bytes of the same frame into a fresh segment; each is run
 ``--repeat`` times and the medians are compared (issue 2's target: >= 2x).
 

@@ -28,7 +28,7 @@ How it works (each box is one module; ``docs/how-it-works.md`` says more):
      large df -> _registry.publish (once per object)   handle -> _cache.resolve
         _codec.encode: layout + buffers                   first time: _segment.attach
         _publication.write -> _segment.create             (read-only), _codec.decode,
-          (fallocate, 2-thread copy, sx_<pid>_<rand>)     kept per process
+          (pwrite: one copy, sx_<pid>_<rand>)             kept per process
         + a lease -> Handle (~150 B)                   each task: a shallow view
      _reaper: unlinks our segments if we die            fn(view, cfg) -> result
     future done / worker mapped it -> lease ends        large result -> a segment
