@@ -68,7 +68,8 @@ if it is provably ours:
   pays one ``lstat`` for another user's file (never an open, never a user-name
   lookup), so thousands of them cannot make a shutdown slow.
 * ``create`` refuses a directory in which another user could rename our
-  segments (see ``_check_dir``), and reports ENOSPC/EDQUOT -- no inode left
+  segments, or a symlink to it that another user could re-point (see
+  ``unsafe_dir_reason``), and reports ENOSPC/EDQUOT -- no inode left
   counts -- as :class:`SharedMemoryFullError`, which the caller falls back on.
 
 Not protected: processes of the same user (they can read our memory and our
@@ -427,24 +428,43 @@ _checked_dirs: set[str] = set()
 
 
 def _check_dir(directory: str) -> None:
-    """Refuse a directory where another user could rename or remove our
-    segments (hiding them from every clean-up): it must be owned by us or
-    root and writable by nobody else, or sticky (then only a file's owner,
-    the directory's owner and root may rename it -- like /dev/shm). Checked
-    once per directory and process."""
+    """Raise :func:`unsafe_dir_reason` as a SharedMemoryError. Checked once
+    per directory and process."""
     if directory in _checked_dirs:
         return
+    reason = unsafe_dir_reason(directory)
+    if reason is not None:
+        raise SharedMemoryError(errno.EPERM, f"refusing to create shared memory in {directory}: {reason}")
+    _checked_dirs.add(directory)
+
+
+def unsafe_dir_reason(directory: str) -> str | None:
+    """Why another user could rename or remove our segments in ``directory``
+    (hiding them from every clean-up), with what to do; None if nobody can.
+
+    It must be owned by us or root and writable by nobody else, or sticky
+    (then only a file's owner, the directory's owner and root may rename it
+    -- like /dev/shm). A symbolic link to it must be ours or root's too: its
+    owner could point it elsewhere after this check."""
+    fix = (
+        f"Point {DIR_ENV} at a directory of yours (e.g. mkdir -m 700 /dev/shm/$USER) "
+        "or at one like /dev/shm (root's, mode 1777)."
+    )
+    link = os.lstat(directory)
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), 0):
+        return (
+            f"it is a symbolic link owned by {describe_uid(link.st_uid)} (to {os.path.realpath(directory)}), "
+            f"so its owner could point it at another directory at any time. {fix}"
+        )
     st = os.stat(directory)
     mode = stat.S_IMODE(st.st_mode)
     if st.st_uid not in (os.geteuid(), 0) or (mode & 0o022 and not mode & stat.S_ISVTX):
-        raise SharedMemoryError(
-            errno.EPERM,
-            f"refusing to create shared memory in {directory}: it is owned by {describe_uid(st.st_uid)} "
-            f"with mode {mode:04o}, so {'its owner' if st.st_uid not in (os.geteuid(), 0) else 'other users'} "
-            f"could rename or remove this process's segments. Point {DIR_ENV} at a directory of yours "
-            f"(e.g. mkdir -m 700 /dev/shm/$USER) or at one like /dev/shm (root's, mode 1777).",
+        return (
+            f"it is owned by {describe_uid(st.st_uid)} with mode {mode:04o}, so "
+            f"{'its owner' if st.st_uid not in (os.geteuid(), 0) else 'other users'} could rename or "
+            f"remove this process's segments. {fix}"
         )
-    _checked_dirs.add(directory)
+    return None
 
 
 def describe_uid(uid: int) -> str:

@@ -2,8 +2,9 @@
 
 ``doctor`` answers "will sharing work here, and how well?" before a long job
 finds out the hard way: how large and how full the shared-memory directory is
-(Docker gives containers 64 MB by default), whether a segment can really be
-created there, the start method, the versions that matter, the effective
+(Docker gives containers 64 MB by default), whether sharedexec will accept it
+(another user could not rename segments out of it, see :mod:`sharedexec._segment`)
+and a segment can really be created there, the start method, the versions that matter, the effective
 configuration, and segments left behind by processes that are gone.
 
 ``cleanup`` removes those leftovers. A segment's name carries the pid of the
@@ -200,6 +201,26 @@ def _probe_row(row, problems: list[str], directory: str | None, where: str) -> N
         problems.append(f"sharedexec cannot create segments in {where}: {error}.")
 
 
+def _unsafe_dir(directory: str) -> str | None:
+    """What issue 14's check at the first segment would refuse ``directory``
+    for (another user could rename our segments there), said before a job
+    fails on it; None for a directory it accepts or that is missing (reported
+    apart)."""
+    try:
+        return _segment.unsafe_dir_reason(directory)
+    except OSError:
+        return None
+
+
+def _owner_row(row, directory: str, unsafe: str | None) -> None:
+    st = os.stat(directory)
+    what = f"{_describe_uid(st.st_uid)}, {stat.S_IMODE(st.st_mode):04o}"
+    if os.path.islink(directory):
+        link = _describe_uid(os.lstat(directory).st_uid)
+        what = f"a symbolic link of {link} to {os.path.realpath(directory)} ({what})"
+    row("owner and mode", f"{what}: {'UNSAFE (see Problems)' if unsafe else 'safe'}")
+
+
 def _versions() -> list[tuple[str, str]]:
     import importlib
 
@@ -268,10 +289,12 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
     label = {"tmpfs": "a tmpfs directory", "posix": "POSIX shared memory (shm_open)", "unshared": "none"}.get(kind, kind)
     row("implementation", f"{label} ({f'${_store.BACKEND_ENV}={asked}' if asked else 'the default on ' + sys.platform})")
     reason = _segment.unshared_reason()
-    row("sharing", "unavailable: every task gets a pickled copy" if reason else "available")
+    directory = args.dir or (_segment._POSIX.directory if kind == "posix" else _names.shm_dir())
+    unsafe = _unsafe_dir(directory) if kind == "tmpfs" and not reason else None
+    row("sharing", "unavailable: every task gets a pickled copy" if reason else
+        "refused: creating a segment raises an error (see Problems)" if unsafe else "available")
     if reason:
         problems.append(f"sharedexec cannot share memory here: {reason}")
-    directory = args.dir or (_segment._POSIX.directory if kind == "posix" else _names.shm_dir())
     source = "--dir" if args.dir else f"${_names.DIR_ENV}" if env_dir and kind != "posix" else "default"
     if directory is None:  # macOS: POSIX shared memory is the VM system's, with nothing to list
         row("directory", "none (POSIX shared memory lives in the VM system here)")
@@ -312,7 +335,12 @@ def main_doctor(argv: Sequence[str] | None = None) -> int:
                 "not fit (sharedexec falls back to pickling them, once per task). Free space there "
                 "(see the leftover segments below), or: " + DOCKER_HINT
             )
-        _probe_row(row, problems, None if kind == "posix" else directory, directory)
+        if kind == "tmpfs":
+            _owner_row(row, directory, unsafe)
+        if unsafe:  # the probe would only fail with the same error
+            problems.append(f"sharedexec refuses to create segments in {directory}: {unsafe}")
+        else:
+            _probe_row(row, problems, None if kind == "posix" else directory, directory)
 
     print("Leftover segments", file=out)
     if leftovers.dead:

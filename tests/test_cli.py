@@ -192,6 +192,55 @@ def test_doctor_warns_when_free_space_is_low(tmp_path, capsys, monkeypatch):
     assert "has only 4.1 MB free of 17.2 GB" in out and "--shm-size" in out
 
 
+OTHER_UID = 54323  # no such user needed: chown takes any uid
+
+
+def _unsafe_dir(tmp_path, case: str) -> str:
+    """A SHAREDEXEC_DIR that sharedexec refuses at its first segment."""
+    directory = tmp_path / "shm"
+    directory.mkdir()
+    if case in ("theirs-sticky", "their-symlink") and os.geteuid() != 0:
+        pytest.skip("needs root to make files of another uid (chown)")
+    directory.chmod({"world-writable": 0o777, "group-writable": 0o770, "theirs-sticky": 0o1777}.get(case, 0o700))
+    if case == "theirs-sticky":
+        os.chown(directory, OTHER_UID, OTHER_UID)
+    if case == "their-symlink":
+        link = tmp_path / "link"
+        link.symlink_to(directory)
+        os.chown(link, OTHER_UID, OTHER_UID, follow_symlinks=False)
+        return str(link)
+    return str(directory)
+
+
+@pytest.mark.tmpfs_only  # the check of a tmpfs directory
+@pytest.mark.parametrize("case", ["world-writable", "group-writable", "theirs-sticky", "their-symlink"])
+def test_doctor_reports_a_directory_sharedexec_would_refuse(tmp_path, capsys, case):
+    """Before a job fails on its first segment (issue 14's check), doctor says
+    why the directory is unsafe and what to do, and creates nothing there."""
+    directory = _unsafe_dir(tmp_path, case)
+    assert cli.main_doctor(["--dir", directory]) == 1
+    out = capsys.readouterr().out
+    assert "refused: creating a segment raises an error" in out and "UNSAFE (see Problems)" in out
+    with pytest.raises(OSError) as refused:  # what the job would meet: the same reason
+        _segment.create([], b"", os.getpid(), directory=directory)
+    reason = str(refused.value).split(": ", 1)[1]
+    assert f"sharedexec refuses to create segments in {directory}: {reason}" in out
+    assert "Point SHAREDEXEC_DIR at a directory of yours" in out
+    assert ("symbolic link owned by uid 54323" if case == "their-symlink" else "could rename or remove") in reason
+    assert "test segment" not in out and os.listdir(directory) == []
+
+
+@pytest.mark.tmpfs_only
+def test_doctor_accepts_a_symbolic_link_of_ours(tmp_path, capsys):
+    directory = tmp_path / "shm"
+    directory.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(directory)
+    assert cli.main_doctor(["--dir", str(tmp_path / "link")]) == 0
+    out = capsys.readouterr().out
+    assert f"a symbolic link of uid {os.geteuid()}" in out and f"to {directory}" in out and ": safe" in out
+    assert "created, mapped and removed" in out
+
+
 def test_doctor_missing_directory(tmp_path, capsys):
     assert cli.main_doctor(["--dir", str(tmp_path / "nope")]) == 1
     out = capsys.readouterr().out
