@@ -64,7 +64,7 @@ def frame_bytes(frame: pd.DataFrame) -> int:
 
 def publish(frame: pd.DataFrame) -> str:
     layout, buffers = _codec.encode(frame)
-    raws = [buf.raw() for buf in buffers]
+    raws = list(map(_codec.raw_view, buffers))
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), os.getpid())
     return mapping.name
 

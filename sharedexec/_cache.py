@@ -311,7 +311,7 @@ def write_result(obj: Any, owner_pid: int, cloudpickle_fallback: bool = False) -
     """Write a task's result into a new segment owned by ``owner_pid``
     (``cloudpickle_fallback``: see ``_codec.encode``)."""
     layout, buffers = _codec.encode(obj, cloudpickle_fallback)
-    raws = [buf.raw() for buf in buffers]
+    raws = list(map(_codec.raw_view, buffers))
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), owner_pid)
     return mapping
 

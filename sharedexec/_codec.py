@@ -195,11 +195,16 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
             raw = np.asarray(_Memory(arr, low, nbytes))
             offset = arr.__array_interface__["data"][0] - low
             return _rebuild_strided, (enc.out_of_band(raw), arr.dtype, arr.shape, arr.strides, offset)
-        arr, order = np.ascontiguousarray(arr), "C"  # only the slice's own bytes
-        enc.copies.add((arr.__array_interface__["data"][0], arr.nbytes))
+        order = "C"  # only the slice's own bytes
+        if not _rows_contiguous(arr):
+            arr = np.ascontiguousarray(arr)
+            enc.copies.add((arr.__array_interface__["data"][0], arr.nbytes))
     # A uint8 view: the buffer protocol refuses datetime64/timedelta64, and
-    # this keeps the exact bytes of any dtype, big-endian included.
-    raw = arr.ravel(order="K").view(np.uint8)
+    # this keeps the exact bytes of any dtype, big-endian included. Rows of
+    # a 2-D block (``df.iloc[a:b]``) stay the slice itself: the segment gets
+    # its bytes row after row, in C order, with no compact copy made first
+    # (``raw_view``, ``_segment._fill``).
+    raw = arr.view(np.uint8) if _rows_contiguous(arr) else arr.ravel(order="K").view(np.uint8)
     # np.memmap: a pickle gives a memmap with no file (numpy's own reduction).
     memmap = (np.memmap,) if isinstance(arr, np.memmap) else ()
     return _rebuild_ndarray, (enc.out_of_band(raw), arr.dtype, arr.shape, order, *memmap)
@@ -262,6 +267,11 @@ def _reduce_in_band(arr: np.ndarray, enc: _Encoder):
     can make what it keeps read-only (``frozen_decode``)."""
     enc.in_band.add(id(arr))
     return _rebuild_in_band, (arr,)
+
+
+def _rows_contiguous(arr: np.ndarray) -> bool:
+    """A 2-D array neither C- nor F-contiguous whose rows each are."""
+    return arr.ndim == 2 and arr.strides[1] == arr.itemsize and not (arr.flags.c_contiguous or arr.flags.f_contiguous)
 
 
 def _span(arr: np.ndarray) -> tuple[int, int]:
@@ -373,8 +383,8 @@ class _Encoder(pickle.Pickler):
         self.not_strings: set[int] = set()  # ids of object arrays that are not all strings
 
     def out_of_band(self, data: np.ndarray | pa.Buffer) -> int:
-        """The number of ``data`` (a contiguous uint8 ndarray or a pa.Buffer)
-        among the buffers. The same memory met again through another object
+        """The number of ``data`` (a uint8 ndarray, contiguous or 2-D with
+        contiguous rows, or a pa.Buffer) among the buffers. The same memory met again through another object
         (pyarrow wraps each buffer in a new pa.Buffer whenever an array is
         pickled; a dictionary shared by chunks; two views of one array) gets
         the same number: it is copied once and stays shared once decoded."""
@@ -423,7 +433,8 @@ def encode(
     copies: set[tuple[int, int]] | None = None,
 ) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """``obj`` as (layout, out-of-band buffers). The buffers are views of
-    ``obj``'s own memory (or of a contiguous copy, for strided arrays).
+    ``obj``'s own memory (or of a contiguous copy, for strided arrays);
+    :func:`raw_view` gives their bytes.
 
     ``in_shared(address, nbytes)`` says whether memory is in shared memory
     already: a slice of such memory (strided rows of a 2-D block, an Arrow
@@ -448,6 +459,16 @@ def encode(
         f"cannot share this {type(obj).__name__}: part of it cannot be pickled ({error}). Remove "
         "that value (from attrs, say), or send the object without sharedexec."
     ) from error
+
+
+def raw_view(buffer: pickle.PickleBuffer) -> memoryview:
+    """The bytes of one of :func:`encode`'s buffers: a contiguous memoryview,
+    or for the rows of a 2-D block slice a 2-D one whose rows (each
+    contiguous) are the bytes in C order, to be written one after another."""
+    try:
+        return buffer.raw()
+    except BufferError:  # (raw() refuses what is not contiguous)
+        return memoryview(buffer)
 
 
 # The views of the decode running in this thread: rebuild functions find their

@@ -188,10 +188,12 @@ class Registry:
             copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
             layout, buffers = _codec.encode(obj, cloudpickle_fallback, self._in_shared, copies)
             unchanging = _codec.unchanging_memory(obj)
-            raws = [buf.raw() for buf in buffers]
+            raws = list(map(_codec.raw_view, buffers))
             refs, new, depends, found_private = [], [], [], []
             for raw in raws:
-                found = self._locate(raw)
+                # (rows of a block slice not in shared memory -- encode asked
+                # -- are new: their bytes in C order are found nowhere)
+                found = self._locate(raw) if raw.c_contiguous else None
                 if found is None:
                     refs.append(len(new))
                     new.append(raw)
@@ -211,7 +213,7 @@ class Registry:
             self.counters["bytes_copied"] += copied
             self.counters["bytes_reused"] += pub.nbytes - copied
             for raw, (_, offset, _) in zip(new, placed):
-                if (_buffer_address(raw), raw.nbytes) not in copies:
+                if raw.c_contiguous and (_buffer_address(raw), raw.nbytes) not in copies:
                     self._remember(pub, raw, pub, offset, unchanging)
             for raw, holder, offset in found_private:
                 # Found again through this publication too: the next one

@@ -84,6 +84,7 @@ import ctypes
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import mmap
 import os
@@ -93,6 +94,7 @@ import struct
 import sys
 import threading
 import weakref
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -163,6 +165,7 @@ def tag(key: bytes, name: str, header: memoryview | bytes, layout: memoryview | 
 # Segments larger than this are filled by two threads (see _fill).
 _PARALLEL_COPY_BYTES = 64 << 20
 _COPY_CHUNK = 64 << 20
+_IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 try:
@@ -817,6 +820,7 @@ def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store
         for offset, source in placed:
             _write_all(fd, source, offset, len(view), store)
         return
+    placed = [(offset, _contiguous(source)) for offset, source in placed]
     target = np.frombuffer(view, dtype=np.uint8)
     base = target.ctypes.data
     jobs = []
@@ -851,17 +855,40 @@ def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store
 
 
 def _write_all(fd: int, source: memoryview, offset: int, size: int, store) -> None:
-    """``pwrite`` all of ``source`` at ``offset``, in chunks (a short write
-    -- a signal, a full file system -- goes on where it stopped)."""
-    source = source.cast("B") if source.ndim != 1 or source.format != "B" else source
-    done = 0
-    while done < source.nbytes:
+    """``pwrite`` all of ``source`` at ``offset``: its bytes in C order (a
+    2-D view with contiguous rows, row after row), at most ``_COPY_CHUNK``
+    bytes and ``_IOV_MAX`` pieces a call; a short write -- a signal, a full
+    file system -- goes on where it stopped."""
+    if not source.nbytes:
+        return
+    rows = [source.cast("B")] if source.c_contiguous else list(np.asarray(source))
+    pieces = deque(
+        memoryview(row)[start : start + _COPY_CHUNK] for row in rows for start in range(0, len(row), _COPY_CHUNK)
+    )
+    while pieces:
+        batch, nbytes = [], 0
+        for piece in itertools.islice(pieces, _IOV_MAX):
+            if batch and nbytes + piece.nbytes > _COPY_CHUNK:
+                break
+            batch.append(piece)
+            nbytes += piece.nbytes
         try:
-            n = os.pwrite(fd, source[done : done + _COPY_CHUNK], offset + done)
+            n = os.pwritev(fd, batch, offset)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
                 raise _full_error(size, store) from None
             raise
-        if n == 0:  # no progress, no error: treat as full rather than loop
+        if n == 0:  # no progress and no error: full, rather than loop
             raise _full_error(size, store)
-        done += n
+        offset += n
+        while n:
+            if n >= pieces[0].nbytes:
+                n -= pieces.popleft().nbytes
+            else:
+                pieces[0], n = pieces[0][n:], 0
+
+
+def _contiguous(source: memoryview) -> memoryview:
+    # The mapping path copies flat chunks: rows of a block slice are made
+    # one contiguous buffer first (only where write() cannot be used).
+    return source if source.c_contiguous else memoryview(np.ascontiguousarray(np.asarray(source))).cast("B")

@@ -62,7 +62,7 @@ N = 24  # rows per column case: enough for NaN/NA at several places, fast
 def published(obj: Any):
     """The name of a segment holding ``obj``, retired on exit."""
     layout, buffers = _codec.encode(obj)
-    raws = [buf.raw() for buf in buffers]
+    raws = list(map(_codec.raw_view, buffers))
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), os.getpid())
     try:
         yield mapping.name

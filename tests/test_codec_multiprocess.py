@@ -94,7 +94,7 @@ def decode_in_child(name: str, key: bytes) -> tuple[dict, list[str], int]:
 def test_child_decodes_what_the_parent_published(mp_context):
     frame = mixed_frame()
     layout, buffers = _codec.encode(frame)
-    raws = [buf.raw() for buf in buffers]
+    raws = list(map(_codec.raw_view, buffers))
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), os.getpid())
     try:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=mp_context) as pool:

@@ -95,14 +95,14 @@ def test_full_directory_is_a_clear_error(monkeypatch, tmp_path):
 @pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "fallocate"])
 def test_a_full_file_system_is_a_clear_error_and_leaves_nothing(monkeypatch, tmp_path, writable):
     """The free-space check passed, then the file system filled up: the
-    write (``pwrite``) or the reservation before writing through the mapping
+    write (``pwritev``) or the reservation before writing through the mapping
     (where the store cannot be written to, macOS) fails with ENOSPC."""
 
     def no_space(fd, *args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(_store.TmpfsStore, "writable", writable)
-    monkeypatch.setattr(os, "pwrite" if writable else "posix_fallocate", no_space)
+    monkeypatch.setattr(os, "pwritev" if writable else "posix_fallocate", no_space)
     with pytest.raises(SharedMemoryFullError, match="cannot create a"):
         _segment.create([memoryview(bytes(1 << 20))], b"", os.getpid(), directory=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
@@ -137,5 +137,28 @@ def test_create_copies_buffers_and_layout(monkeypatch, total, writable):
         view = np.frombuffer(mapping.view, np.uint8)
         for offset, src in zip(offsets, sources):
             np.testing.assert_array_equal(view[offset : offset + src.nbytes], src)
+    finally:
+        _segment.retire(mapping.name)
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "mapping"])
+@pytest.mark.parametrize("short", [False, True], ids=["whole", "short-writes"])
+def test_rows_of_a_strided_buffer_land_in_c_order(monkeypatch, writable, short):
+    """A 2-D buffer with contiguous rows (a row slice of a block) is written
+    row after row; a short write (a signal, a full file system) goes on where
+    it stopped."""
+    monkeypatch.setattr(_store.TmpfsStore, "writable", writable)
+    monkeypatch.setattr(_store.PosixStore, "writable", writable)
+    if short:
+        real = os.pwritev
+        monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: real(fd, [memoryview(buffers[0])[:1000]], offset))
+    whole = np.random.default_rng(0).integers(0, 255, (7, 30_000), dtype=np.uint8)
+    sources = [whole[:, 10:-7], whole[::2, 5:3000], whole[:0, :], np.arange(5000, dtype=np.uint8)]
+    mapping = _segment.create([memoryview(src) for src in sources], b"layout", os.getpid())
+    try:
+        offsets, _ = _segment.offsets_for([src.nbytes for src in sources])
+        view = np.frombuffer(mapping.view, np.uint8)
+        for offset, src in zip(offsets, sources):
+            np.testing.assert_array_equal(view[offset : offset + src.nbytes], src.ravel())
     finally:
         _segment.retire(mapping.name)

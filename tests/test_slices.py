@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 import sharedexec
-from sharedexec import _codec, _registry, _segment
+from sharedexec import _codec, _registry, _segment, _store
 from sharedexec._sharing import Options, SharedTask, install_hooks
 
 from . import _exact as exact
@@ -136,6 +136,28 @@ def test_a_slice_of_a_frame_never_published_copies_its_own_bytes(registry, make,
     nbytes, got = copied(registry, piece)
     assert 0 < nbytes <= _codec.nbytes(piece) + ALIGNMENT  # its data, not the whole columns
     exact.assert_identical(got, stdlib(piece), mmap_mode="r")
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "mapping"])
+def test_rows_of_a_block_go_into_the_segment_without_a_compact_copy(registry, monkeypatch, writable):
+    """The rows of a 2-D block slice (``df.iloc[a:b]`` of a frame never
+    published) are one buffer whose rows are written one after another
+    (``pwritev``): no compact copy is made first, whose fresh pages cost as
+    much as the segment's own. Where the store cannot be written to (macOS),
+    the copy through the mapping compacts them first."""
+    monkeypatch.setattr(_store.TmpfsStore, "writable", writable)
+    monkeypatch.setattr(_store.PosixStore, "writable", writable)
+    frame = numpy_frame()
+    block = frame._mgr.blocks[0].values
+    assert block.ndim == 2 and block.flags.c_contiguous  # (pandas' consolidated layout)
+    # (reversed rows are not contiguous: compacted, as before)
+    for piece, viewed in [(frame.iloc[1000:13000], True), (frame.iloc[3:4], True), (frame.iloc[::-1].iloc[5:7000], False)]:
+        _, buffers = _codec.encode(piece)
+        views = [np.asarray(_codec.raw_view(buf)) for buf in buffers]
+        assert any(np.shares_memory(view, block) for view in views) is viewed
+        nbytes, got = copied(registry, piece)
+        assert 0 < nbytes <= _codec.nbytes(piece) + ALIGNMENT
+        exact.assert_identical(got, stdlib(piece), mmap_mode="r")
 
 
 @pytest.mark.parametrize("cut", COPIES.values(), ids=COPIES.keys())
