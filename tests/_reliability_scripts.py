@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,6 +168,49 @@ def kill_all(pids: list[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+#: What loky and joblib name after the process that made it: named semaphores
+#: (``sem.loky-<pid>-<random>``; multiprocessing's own ``sem.mp-<random>``
+#: carry no pid) and joblib's memmapping folders.
+_LIBRARY_FILE_RE = re.compile(r"(?:sem\.loky-|joblib_memmapping_folder_)([0-9]+)[-_]")
+
+
+def library_files_of(pids: list[int]) -> list[str]:
+    """Paths of the semaphores and joblib folders that ``pids`` created, in
+    /dev/shm or the temporary directory (where joblib goes when /dev/shm is
+    small). Their resource trackers remove them once every process that
+    uses them has exited."""
+    import tempfile
+
+    wanted = set(map(str, pids))
+    found = []
+    for directory in sorted({"/dev/shm", tempfile.gettempdir()}):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        found += [os.path.join(directory, n) for n in names if (m := _LIBRARY_FILE_RE.match(n)) and m.group(1) in wanted]
+    return sorted(found)
+
+
+def remove_library_files(pids: list[int]) -> None:
+    """Remove this user's :func:`library_files_of` ``pids``: what their
+    trackers would have, had a failed test not killed them."""
+    import shutil
+    import stat
+
+    for path in library_files_of(pids):
+        try:
+            st = os.lstat(path)
+            if st.st_uid != os.geteuid():
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except OSError:
+            continue
 
 
 def reaper_of(pid: int) -> int | None:

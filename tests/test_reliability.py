@@ -120,8 +120,10 @@ def _parent_kill_cases():
 @pytest.mark.parametrize("api, method", list(_parent_kill_cases()))
 def test_parent_sigkill_leaves_no_segment_and_no_worker(api, method, tmp_path, record_property):
     """The parent holds 2 workers busy on a shared frame, then is SIGKILLed:
-    within 5 s no sx_<parent>_* segment is left and the workers have exited
-    (joblib's own temporary files survive ~330 s in this situation)."""
+    within 5 s no sx_<parent>_* segment is left and the workers have exited;
+    then the rest of its tree exits by itself, its resource trackers taking
+    loky's semaphores and joblib's folders with them (under loky alone,
+    whose workers outlive their parent, those survive ~330 s)."""
     tree: list[int] = []
     with open(tmp_path / "stderr", "w") as err:
         child = subprocess.Popen(
@@ -154,8 +156,22 @@ def test_parent_sigkill_leaves_no_segment_and_no_worker(api, method, tmp_path, r
         record_property("seconds_to_clean", round(time.monotonic() - killed, 2))
         assert scripts.segments_of(child.pid) == [], "segments left 5 s after the parent's SIGKILL"
         assert [pid for pid in workers if not scripts.exited(pid)] == [], "workers alive 5 s after the parent's SIGKILL"
+        # The rest of the tree (resource trackers, reaper, forkserver) ends by
+        # itself once the workers are gone: the trackers then remove the
+        # multiprocessing/loky semaphores and joblib's folders of the dead
+        # parent. Killing them instead is what left those behind.
+        def tree_ended_clean():
+            return all(map(scripts.exited, tree)) and not scripts.library_files_of([child.pid, *tree])
+
+        try:
+            scripts.wait_for(tree_ended_clean, timeout=30, interval=0.05)
+        except TimeoutError:
+            pass
+        assert [pid for pid in tree if not scripts.exited(pid)] == [], "the killed parent's tree alive 30 s later"
+        assert scripts.library_files_of([child.pid, *tree]) == [], "semaphores or joblib folders of the killed tree left"
     finally:
         scripts.kill_all(tree + [child.pid])
+        scripts.remove_library_files([child.pid, *tree])  # after a failure only: nothing of theirs stays
 
 
 # -- a worker SIGKILLed mid-task ------------------------------------------------------
