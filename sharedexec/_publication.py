@@ -31,20 +31,23 @@ Ref = tuple[str, int, int]
 
 def write(
     layout: bytes,
-    new_buffers: list[memoryview],
+    new_buffers: list[memoryview | None],
     refs: list[Ref | int],
     owner_pid: int,
+    copied: Callable[[int, memoryview], None] | None = None,
 ) -> tuple[_segment.Mapping, list[Ref]]:
     """Create a segment holding ``new_buffers`` and the object's table.
 
     ``refs`` has one item per buffer of the object, in order: a ``Ref`` into
     another segment, or the index of the buffer in ``new_buffers``. Returns the
-    mapping and, for each new buffer, where it was placed."""
-    offsets, _ = _segment.offsets_for([buf.nbytes for buf in new_buffers])
-    table = [ref if isinstance(ref, tuple) else ("", offsets[ref], new_buffers[ref].nbytes) for ref in refs]
+    mapping and, for each new buffer, where it was placed. ``copied``: see
+    ``_segment.create`` (it may drop items of ``new_buffers``)."""
+    sizes = [buf.nbytes for buf in new_buffers]
+    offsets, _ = _segment.offsets_for(sizes)
+    table = [ref if isinstance(ref, tuple) else ("", offsets[ref], sizes[ref]) for ref in refs]
     payload = pickle.dumps((table, layout), protocol=pickle.HIGHEST_PROTOCOL)
-    mapping = _segment.create(new_buffers, payload, owner_pid)
-    placed = [(mapping.name, off, buf.nbytes) for off, buf in zip(offsets, new_buffers)]
+    mapping = _segment.create(new_buffers, payload, owner_pid, copied=copied)
+    placed = [(mapping.name, off, size) for off, size in zip(offsets, sizes)]
     return mapping, placed
 
 

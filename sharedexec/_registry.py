@@ -64,7 +64,7 @@ try:
 except ImportError:  # pragma: no cover - the no-pyarrow CI job
     pa = None
 
-from . import _codec, _leases, _publication, _reaper, _segment
+from . import _adopt, _codec, _leases, _publication, _reaper, _segment
 
 log = logging.getLogger("sharedexec")
 
@@ -83,6 +83,7 @@ class Publication:
     source_alive: bool = True
     pinned: bool = False  # a lease could not get a board slot: keep till exit
     shared: bool = False  # its source came from share(): backed by the segment itself
+    adopted: bool = False  # its source's blocks were re-pointed at it (_adopt): the same
     released: bool = False
     slots: set[int] = field(default_factory=set)
     leased: int = 0  # leases taken so far: a change says "handed out again"
@@ -167,11 +168,14 @@ class Registry:
             return None
         return pub
 
-    def publish(self, obj: Any, min_bytes: int = 0, cloudpickle_fallback: bool = False) -> Publication | None:
+    def publish(
+        self, obj: Any, min_bytes: int = 0, cloudpickle_fallback: bool = False, adopt: bool = False
+    ) -> Publication | None:
         """The publication of ``obj``: found again (the per-task path: one
         fingerprint), or created now -- a copy of the buffers no live segment
         of ours holds yet -- unless ``obj`` is smaller than ``min_bytes``.
-        ``cloudpickle_fallback``: see ``_codec.encode``."""
+        ``cloudpickle_fallback``: see ``_codec.encode``. ``adopt``: re-point
+        ``obj``'s blocks at the copy as it is made (``_adopt``)."""
         pub = self.find(obj)
         if pub is None and min_bytes and _codec.nbytes(obj) < min_bytes:
             return None
@@ -185,11 +189,14 @@ class Registry:
             if self._board is None:  # first, so that a full directory fails here, not in lease()
                 self._board = _leases.Board(self.pid)
             self._start_collector()
+            # Counted before encoding, which takes references to the memory.
+            adoption = _adopt.Adoption(obj) if adopt else None
             copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
             layout, buffers = _codec.encode(obj, cloudpickle_fallback, self._in_shared, copies)
             unchanging = _codec.unchanging_memory(obj)
             raws = list(map(_codec.raw_view, buffers))
-            refs, new, depends, found_private = [], [], [], []
+            nbytes = sum(r.nbytes for r in raws)
+            refs, new, new_keys, depends, found_private = [], [], [], [], []
             for raw in raws:
                 # (rows of a block slice not in shared memory -- encode asked
                 # -- are new: their bytes in C order are found nowhere)
@@ -197,6 +204,7 @@ class Registry:
                 if found is None:
                     refs.append(len(new))
                     new.append(raw)
+                    new_keys.append((_buffer_address(raw), raw.nbytes) if raw.c_contiguous else None)
                 else:
                     holder, offset, private = found
                     refs.append((holder.name, offset, raw.nbytes))
@@ -204,21 +212,37 @@ class Registry:
                         depends.append(holder)
                     if private:
                         found_private.append((raw, holder, offset))
-            mapping, placed = _publication.write(layout, new, refs, self.pid)
-            pub = Publication(mapping, sum(r.nbytes for r in raws), depends, _codec.fingerprint(obj))
+            copied = sum(r.nbytes for r in new)
+            on_copied = None
+            if adoption is not None:
+                adoption.expect(set(new_keys))
+                del buffers, raws  # ``new`` holds what is still to copy: dropped as it is
+
+                def on_copied(i: int, view: memoryview) -> None:
+                    if adoption.needs(new_keys[i]):
+                        new[i] = None  # the last reference of ours: the block may move, its memory go
+                    adoption.copied(new_keys[i], view)
+
+            mapping, placed = _publication.write(layout, new, refs, self.pid, on_copied)
+            pub = Publication(mapping, nbytes, depends, _codec.fingerprint(obj))
             for dep in depends:
                 dep.dependents += 1
-            copied = sum(r.nbytes for r in new)
             self.counters["publications"] += 1
             self.counters["bytes_copied"] += copied
             self.counters["bytes_reused"] += pub.nbytes - copied
-            for raw, (_, offset, _) in zip(new, placed):
-                if raw.c_contiguous and (_buffer_address(raw), raw.nbytes) not in copies:
+            for raw, key, (_, offset, _) in zip(new, new_keys, placed):
+                if raw is not None and key is not None and key not in copies:
                     self._remember(pub, raw, pub, offset, unchanging)
             for raw, holder, offset in found_private:
                 # Found again through this publication too: the next one
                 # (after another in-place write) finds it while this lives.
                 self._remember(pub, raw, holder, offset, unchanging)
+            if adoption is not None and adoption.moved:
+                # The frame's own memory now: it lives while the frame does.
+                pub.adopted = True
+                offsets = {key: offset for key, (_, offset, _) in zip(new_keys, placed)}
+                for key, view in adoption.moved:
+                    self._remember(pub, view, pub, offsets[key], {(_buffer_address(view), view.nbytes)})
             self._by_name[pub.name] = pub
             self._add_range(pub)
             self._bind(pub, obj)
@@ -358,17 +382,17 @@ class Registry:
             return self._board.name, lease, (self._board, token)
 
     def lease_for(
-        self, obj: Any, min_bytes: int = 0, cloudpickle_fallback: bool = False
+        self, obj: Any, min_bytes: int = 0, cloudpickle_fallback: bool = False, adopt: bool = False
     ) -> tuple[Publication, str, int, tuple[_leases.Board, int]] | None:
         """``obj``'s publication (see :meth:`publish`) and a lease on it, at
         once: a publication the collector released meanwhile is published
         again."""
-        pub = self.publish(obj, min_bytes, cloudpickle_fallback)
+        pub = self.publish(obj, min_bytes, cloudpickle_fallback, adopt)
         if pub is None:
             return None
         with self._lock:
             if pub.released:
-                pub = self.publish(obj, 0, cloudpickle_fallback)
+                pub = self.publish(obj, 0, cloudpickle_fallback, adopt)
             return pub, *self.lease(pub)
 
     def end_leases(self, leases: list[tuple[_leases.Board, int]]) -> None:
@@ -427,7 +451,7 @@ class Registry:
             idle = [
                 (pub, pub.leased)
                 for pub in self._by_name.values()
-                if not pub.shared and now - pub.last_used > _leases.GRACE_SECONDS and self._unleased(pub)
+                if not (pub.shared or pub.adopted) and now - pub.last_used > _leases.GRACE_SECONDS and self._unleased(pub)
             ]
         # Asking the kernel costs two system calls a publication: not under
         # the lock that the per-task path takes. A lease taken meanwhile

@@ -97,6 +97,7 @@ import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -361,10 +362,11 @@ def offsets_for(sizes: list[int]) -> tuple[list[int], int]:
 
 
 def create(
-    buffers: list[memoryview],
+    buffers: list[memoryview | None],
     layout: bytes,
     owner_pid: int,
     directory: str | None = None,
+    copied: Callable[[int, memoryview], None] | None = None,
 ) -> Mapping:
     """Create a segment holding ``buffers`` at the offsets ``offsets_for``
     gives, followed by ``layout``, and return the creator's mapping.
@@ -373,6 +375,12 @@ def create(
     before it is touched (``_fill``), so a directory without room raises
     :class:`SharedMemoryFullError` -- never SIGBUS (cpython#114390) -- and
     nothing is left behind.
+
+    ``copied(i, view)``, if given, is called in this thread as soon as buffer
+    ``i`` is in the segment (in order, once this function holds no reference
+    to it: a caller that drops its own may free the source there), with
+    ``view`` its bytes in a private, copy-on-write mapping of the segment --
+    writable, its writes seen by this process alone (see ``_adopt``).
     """
     store = current_store(directory)
     offsets, layout_offset = offsets_for([buf.nbytes for buf in buffers])
@@ -417,7 +425,18 @@ def create(
         ))
         header[TAG_OFFSET:] = tag(key, name, header, layout)
         view[:ALIGN] = header
-        _fill(fd, view, [*zip(offsets, buffers), (layout_offset, memoryview(layout))], store)
+        placed = [*zip(offsets, buffers), (layout_offset, memoryview(layout))]
+        if copied is None:
+            _fill(fd, view, placed, store)
+        else:
+            private = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+            sizes = [buf.nbytes for buf in buffers]
+
+            def done(i: int) -> None:
+                if i < len(sizes):
+                    copied(i, private[offsets[i] : offsets[i] + sizes[i]])
+
+            _fill(fd, view, placed, store, done)
     except BaseException:
         _unlink(store, name)
         raise
@@ -798,7 +817,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_copy_pool_in_child)
 
 
-def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store) -> None:
+def _fill(
+    fd: int,
+    view: memoryview,
+    placed: list[tuple[int, memoryview] | None],
+    store,
+    done: Callable[[int], None] | None = None,
+) -> None:
     """Write each ``(offset, source)`` into the segment, in chunks.
 
     A fresh tmpfs page costs more to allocate and map than to copy into: the
@@ -815,23 +840,34 @@ def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store
     page tables filled in one call (Linux 5.14+; older kernels just fault on
     first touch) and copied through the mapping, on two threads for large
     totals: the kernel work and numpy's copy run without the GIL. Measured by
-    benchmarks/publish_speed.py."""
+    benchmarks/publish_speed.py.
+
+    Each entry of ``placed`` is dropped (set to None) as soon as its source is
+    written, then ``done(i)`` is called, in order and in this thread."""
     if store.writable:
-        for offset, source in placed:
+        for i, (offset, source) in enumerate(placed):
             _write_all(fd, source, offset, len(view), store)
+            del source
+            _written(placed, i, done)
         return
-    placed = [(offset, _contiguous(source)) for offset, source in placed]
+    placed[:] = [(offset, _contiguous(source)) for offset, source in placed]
     target = np.frombuffer(view, dtype=np.uint8)
     base = target.ctypes.data
-    jobs = []
-    for offset, source in placed:
-        src = np.frombuffer(source, dtype=np.uint8)
-        for start in range(0, max(len(src), 1), _COPY_CHUNK):
-            stop = min(start + _COPY_CHUNK, len(src))
-            jobs.append((offset + start, src[start:stop]))
+    # Jobs name their source by index, not by reference: a source copied is
+    # released at once, not when the last job is.
+    jobs = [
+        (i, start, min(start + _COPY_CHUNK, source.nbytes))
+        for i, (_, source) in enumerate(placed)
+        for start in range(0, max(source.nbytes, 1), _COPY_CHUNK)
+    ]
+    last_job = {i: n for n, (i, _, _) in enumerate(jobs)}
 
-    def run(job: tuple[int, np.ndarray]) -> None:
-        offset, src = job
+    def run(job: tuple[int, int, int]) -> None:
+        i, start, stop = job
+        offset, source = placed[i]
+        src = np.frombuffer(source, dtype=np.uint8)[start:stop]
+        del source
+        offset += start
         first = offset // _PAGE * _PAGE
         last = -(-(offset + len(src)) // _PAGE) * _PAGE
         last = min(last, len(target))
@@ -847,11 +883,14 @@ def _fill(fd: int, view: memoryview, placed: list[tuple[int, memoryview]], store
         _madvise(base + first, last - first, _MADV_POPULATE_WRITE)
         target[offset : offset + len(src)] = src
 
-    if sum(len(src) for _, src in jobs) < _PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
-        for job in jobs:
-            run(job)
+    if sum(stop - start for _, start, stop in jobs) < _PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
+        results = map(run, jobs)
     else:
-        list(_get_copy_pool().map(run, jobs))
+        results = _get_copy_pool().map(run, jobs)
+    for n, _ in enumerate(results):  # in order, whatever order the threads finish in
+        i = jobs[n][0]
+        if last_job[i] == n:
+            _written(placed, i, done)
 
 
 def _write_all(fd: int, source: memoryview, offset: int, size: int, store) -> None:
@@ -892,3 +931,9 @@ def _contiguous(source: memoryview) -> memoryview:
     # The mapping path copies flat chunks: rows of a block slice are made
     # one contiguous buffer first (only where write() cannot be used).
     return source if source.c_contiguous else memoryview(np.ascontiguousarray(np.asarray(source))).cast("B")
+
+
+def _written(placed: list, i: int, done: Callable[[int], None] | None) -> None:
+    placed[i] = None
+    if done is not None:
+        done(i)

@@ -68,6 +68,7 @@ class Options:
     on_full: str = "fallback"
     strings: str = "exact"
     share_results: bool = True
+    adopt: bool = False
 
     def __post_init__(self) -> None:
         if self.mmap_mode not in MMAP_MODES:
@@ -81,6 +82,8 @@ class Options:
             )
         if self.strings == "arrow" and _codec.pa is None:
             raise ValueError("strings='arrow' needs pyarrow, which is not installed: pip install pyarrow")
+        if not isinstance(self.adopt, bool):
+            raise ValueError(f"adopt must be True or False, not {self.adopt!r}")
         if not isinstance(self.min_bytes, int) or self.min_bytes < 0:
             raise ValueError(f"min_bytes must be a non-negative int, not {self.min_bytes!r}")
 
@@ -159,7 +162,7 @@ def _reduce_shared(pickler, obj: Any):
         options, leases = task.options, task.leases
         mmap_mode, strings = options.mmap_mode, options.strings
         try:
-            leased = registry.lease_for(obj, options.min_bytes, _pickles_functions(pickler))
+            leased = registry.lease_for(obj, options.min_bytes, _pickles_functions(pickler), options.adopt)
         except _codec.UnencodableError:
             # The pool's own pickling sends it, or raises what it would raise.
             return _pickle_plainly(pickler, obj)

@@ -95,12 +95,16 @@ def _load_function(module: str, qualname: str, owner_pid: int, owner_host: str) 
 
 
 @overload
-def shared(fn: F, /, *, min_bytes: int = ..., mmap_mode: str = ..., on_full: str = ..., strings: str = ...) -> F: ...
+def shared(
+    fn: F, /, *, min_bytes: int = ..., mmap_mode: str = ..., on_full: str = ..., strings: str = ..., adopt: bool = ...
+) -> F: ...
 @overload
-def shared(*, min_bytes: int = ..., mmap_mode: str = ..., on_full: str = ..., strings: str = ...) -> Callable[[F], F]: ...
+def shared(
+    *, min_bytes: int = ..., mmap_mode: str = ..., on_full: str = ..., strings: str = ..., adopt: bool = ...
+) -> Callable[[F], F]: ...
 
 
-def shared(fn=None, /, *, min_bytes=1 << 20, mmap_mode="r", on_full="fallback", strings="exact"):
+def shared(fn=None, /, *, min_bytes=1 << 20, mmap_mode="r", on_full="fallback", strings="exact", adopt=False):
     """Make the large DataFrames / arrays passed to `fn` travel through
     shared memory in any process pool: an unchanged `multiprocessing.Pool`
     (`map`, `imap`, `starmap`, `apply_async`...), the stdlib
@@ -128,7 +132,7 @@ def shared(fn=None, /, *, min_bytes=1 << 20, mmap_mode="r", on_full="fallback", 
     Pickling anything else (a queue of frames, another function's arguments)
     is not changed.
     """
-    options = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full, strings=strings)
+    options = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full, strings=strings, adopt=adopt)
     install_hooks()
     if fn is None:
         return lambda f: SharedFunction(f, options)

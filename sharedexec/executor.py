@@ -50,6 +50,11 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
             arrives as pandas' Arrow-backed `str` dtype, read in place from
             shared memory: no worker builds Python strings (see
             [Data types](dtypes.md#object-columns-of-strings)).
+        adopt: `False` (default): your process keeps its own copy of a frame
+            next to the shared one. `True`: as a DataFrame or Series is
+            published, its blocks are re-pointed at the shared copy, block by
+            block, and your process's private copy is freed: one copy in
+            total (see [Semantics](semantics.md#one-copy-in-total-adopttrue)).
     """
 
     def __init__(
@@ -64,8 +69,11 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
         mmap_mode: str = "r",
         on_full: str = "fallback",
         strings: str = "exact",
+        adopt: bool = False,
     ) -> None:
-        self._sharing = Options(min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full, strings=strings)
+        self._sharing = Options(
+            min_bytes=min_bytes, mmap_mode=mmap_mode, on_full=on_full, strings=strings, adopt=adopt
+        )
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         install_hooks()

@@ -37,7 +37,7 @@ class JoblibBackend(LokyBackend):
 
     or as an instance with options: `parallel_config(backend=
     sharedexec.JoblibBackend(min_bytes=..., mmap_mode="c"))`. `min_bytes`,
-    `mmap_mode`, `on_full` and `strings` mean what they mean for
+    `mmap_mode`, `on_full`, `strings` and `adopt` mean what they mean for
     [`ProcessPoolExecutor`][sharedexec.ProcessPoolExecutor]; other keyword
     arguments go to joblib's `LokyBackend`.
     """
@@ -49,10 +49,11 @@ class JoblibBackend(LokyBackend):
         mmap_mode: str = "r",
         on_full: str = "fallback",
         strings: str = "exact",
+        adopt: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._sharing = Options(min_bytes, mmap_mode, on_full, strings)
+        self._sharing = Options(min_bytes, mmap_mode, on_full, strings, adopt=adopt)
         install_hooks()
 
     def submit(self, func: Any, callback: Any = None) -> Any:

@@ -125,3 +125,12 @@ def shared_slow_checksum(df):
 @sharedexec.shared
 def shared_big_result(i: int):
     return np.full(2_000_000, i, dtype=np.float64)  # 16 MB: sent through shared memory
+
+
+@sharedexec.shared(adopt=True)
+def shared_len_adopting(df):
+    return len(df)
+
+
+def identity(obj):
+    return obj

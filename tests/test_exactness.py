@@ -43,6 +43,7 @@ import datetime as dt
 import decimal
 import importlib.util
 import multiprocessing
+import pickle
 import zoneinfo
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
@@ -59,6 +60,7 @@ from joblib.externals.loky.backend import reduction as loky_reduction
 import sharedexec
 
 from . import _exact_tasks as tasks
+from ._exact import assert_identical
 from .conftest import START_METHODS
 
 pa = pytest.importorskip("pyarrow")
@@ -467,6 +469,27 @@ class Executor(EntryPoint):
         self.pool.shutdown(wait=True)
 
 
+class AdoptingExecutor(Executor):
+    """``adopt=True`` (issue 18): the parent's objects are re-pointed at the
+    shared copy; sent anywhere afterwards, they are what they were before.
+    (Not byte for byte: pandas caches derived values, e.g. a dtype, in an
+    extension array's ``__dict__`` when it is first asked for.)"""
+
+    def __init__(self, context: Any, mmap_mode: str) -> None:
+        self.pool = sharedexec.ProcessPoolExecutor(1, mp_context=context, min_bytes=0, adopt=True)
+        self.mmap_mode = mmap_mode
+
+    def run(self, objs: list) -> list:
+        before = [_stdlib_bytes(obj) for obj in objs]
+        results = super().run(objs)
+        for i, (obj, was) in enumerate(zip(objs, before)):
+            try:
+                assert_identical(pickle.loads(_stdlib_bytes(obj)), pickle.loads(was))
+            except AssertionError as exc:
+                results[2 * i] = (results[2 * i][0], f"the parent's object changed: {exc}")
+        return results
+
+
 class Joblib(EntryPoint):
     functions = True
 
@@ -516,6 +539,7 @@ class SharedProcess(EntryPoint):
 ENTRY_POINTS = {
     "executor-r": (Executor, "r"),
     "executor-c": (Executor, "c"),
+    "executor-adopt": (AdoptingExecutor, "r"),
     "joblib": (Joblib, "r"),
     "shared-pool": (DecoratedPool, "r"),
     "share-process": (SharedProcess, "r"),
