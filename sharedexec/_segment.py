@@ -845,9 +845,8 @@ def _fill(
     Each entry of ``placed`` is dropped (set to None) as soon as its source is
     written, then ``done(i)`` is called, in order and in this thread."""
     if store.writable:
-        for i, (offset, source) in enumerate(placed):
-            _write_all(fd, source, offset, len(view), store)
-            del source
+        for i in range(len(placed)):  # (enumerate would keep the item: its source)
+            _write_all(fd, placed[i][1], placed[i][0], len(view), store)
             _written(placed, i, done)
         return
     placed[:] = [(offset, _contiguous(source)) for offset, source in placed]
