@@ -77,6 +77,7 @@ import contextlib
 import datetime as dt
 import decimal
 import fractions
+import functools
 import io
 import itertools
 import logging
@@ -910,6 +911,59 @@ def _snapshot(values: tuple) -> bytes | _Pinned:
 _BLOCK_VALUES = operator.attrgetter("values")
 
 
+# -- what the per-task check of a frame may skip --------------------------------
+#
+# A frame published before is sent again while its manager, block tuple, axes
+# and each block's array are the very objects they were (``fingerprint``).
+# Every pandas write into a published frame replaces the block tuple -- the
+# publication's ``write_guard`` makes pandas copy the written block into a new
+# Block, Arrow string cells included (``BlockManager.column_setitem`` splits
+# the block first) -- but one: a whole-column write into a single-column
+# block (``BlockManager._iset_single``: ``replace(..., inplace=True)``
+# column by column) gives the same Block object a new array,
+# ``Block.set_inplace(copy=True)``, the only pandas code that does. Looking
+# at every block's array costs ~100 ns a block, 250 us a task for a frame of
+# 2 500 blocks; so calls of ``set_inplace`` are counted, and the arrays are
+# looked at only when one ran since the frame was last found unchanged.
+_set_inplace_calls = itertools.count()  # (next() is atomic: threads may write)
+_last_set_inplace = next(_set_inplace_calls)
+
+
+def block_writes() -> int:
+    """A number that moves whenever pandas gives an existing Block a new
+    array (see above): pass it to :func:`unchanged` as ``since`` once the
+    frame was found unchanged, read *before* that check."""
+    return _last_set_inplace
+
+
+def _counted(set_inplace: Callable) -> Callable:
+    @functools.wraps(set_inplace)
+    def counted(self, *args, **kwargs):
+        global _last_set_inplace
+        # Before and after: a check running meanwhile is followed by one
+        # that looks at every array again.
+        _last_set_inplace = next(_set_inplace_calls)
+        try:
+            return set_inplace(self, *args, **kwargs)
+        finally:
+            _last_set_inplace = next(_set_inplace_calls)
+
+    counted.__sharedexec__ = True
+    return counted
+
+
+def _count_set_inplace() -> None:
+    from pandas.core.internals import blocks
+
+    for cls in vars(blocks).values():
+        method = vars(cls).get("set_inplace") if isinstance(cls, type) else None
+        if method is not None and not getattr(method, "__sharedexec__", False):
+            cls.set_inplace = _counted(method)
+
+
+_count_set_inplace()
+
+
 def fingerprint(obj: Any) -> tuple[tuple, Any]:
     """What must not change for a published object to be reused:
     ``(identities, values)``, compared with ``is`` and ``==`` respectively.
@@ -970,9 +1024,11 @@ def _frame_snapshot(df: pd.DataFrame) -> bytes | _Pinned:
     return _snapshot((*_frame_values(df), _axis_state(df.index), _axis_state(df.columns)))
 
 
-def unchanged(obj: Any, fp: tuple[tuple, Any]) -> bool:
-    """``same_fingerprint(fp, fingerprint(obj))``; for a frame in one pass
-    over its blocks, building nothing (the per-task check of a wide frame)."""
+def unchanged(obj: Any, fp: tuple[tuple, Any], since: int | None = None) -> bool:
+    """``same_fingerprint(fp, fingerprint(obj))``; for a frame building
+    nothing, and without looking at its blocks' arrays if ``since`` -- what
+    :func:`block_writes` was before the frame was last found unchanged -- is
+    still current: the per-task check of a frame of any width is O(1)."""
     if not isinstance(obj, pd.DataFrame):
         return same_fingerprint(fp, fingerprint(obj))
     idents, values = fp
@@ -982,7 +1038,10 @@ def unchanged(obj: Any, fp: tuple[tuple, Any]) -> bool:
     return (
         len(idents) == head + len(blocks)
         and all(map(operator.is_, (mgr, blocks, *axes), idents[:head]))
-        and all(map(operator.is_, map(_BLOCK_VALUES, blocks), itertools.islice(idents, head, None)))
+        and (
+            since == _last_set_inplace
+            or all(map(operator.is_, map(_BLOCK_VALUES, blocks), itertools.islice(idents, head, None)))
+        )
         and bool(values == _frame_snapshot(obj))
     )
 

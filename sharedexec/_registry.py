@@ -91,6 +91,7 @@ class Publication:
     dependents: int = 0  # unreleased publications whose tables name this one
     buffer_keys: list[tuple[int, int]] = field(default_factory=list)  # entries of _buffers it uses
     guard: Any = None  # see _codec.write_guard
+    checked: int | None = None  # _codec.block_writes() when last found unchanged
 
     @property
     def name(self) -> str:
@@ -164,8 +165,10 @@ class Registry:
         pub = self._by_id.get(id(obj))
         if pub is None or pub.source is None or pub.source() is not obj:
             return None
-        if not _codec.unchanged(obj, pub.fingerprint):
+        checked = _codec.block_writes()
+        if not _codec.unchanged(obj, pub.fingerprint, pub.checked):
             return None
+        pub.checked = checked
         return pub
 
     def publish(
@@ -346,7 +349,7 @@ class Registry:
                 _segment.Mapping(pub.name, pub.mapping.size, view, pub.mapping.layout_offset, pub.mapping.layout_size),
                 lambda name: self._by_name[name].mapping,
             )
-            pub.fingerprint = _codec.fingerprint(shared)
+            pub.fingerprint, pub.checked = _codec.fingerprint(shared), None
             self._bind(pub, shared)
             pub.source_alive = True
             pub.shared = True

@@ -49,7 +49,13 @@ def write_arrow_string(df):
     df.loc[3, "s"] = "written"
 
 
-WRITES = [write_loc, write_iloc, write_fillna, write_arrow_string]
+def write_replace_column(df):
+    # Column by column, in place: pandas gives the column's Block a new array
+    # and keeps the block tuple (``Block.set_inplace``, see _codec).
+    df.replace({"s": {"s2": "replaced"}}, inplace=True)
+
+
+WRITES = [write_loc, write_iloc, write_fillna, write_arrow_string, write_replace_column]
 
 
 def expected(obj):

@@ -63,6 +63,27 @@ def test_structural_change_republishes(registry, change):
 
 
 @needs_copy_on_write
+@needs_copy_on_write
+def test_an_unchanged_frame_is_found_again_without_looking_at_its_blocks(registry, monkeypatch):
+    """Issue 15: the per-task check of a wide frame is O(1). Its blocks'
+    arrays are looked at again only after pandas gave an existing Block a new
+    array (``replace(inplace=True)`` column by column: the one write that
+    keeps the manager and the block tuple), which is then seen."""
+    from sharedexec import _codec
+
+    df = pd.DataFrame({f"s{i}": pd.array(["x", "y"] * 1000, dtype="str") for i in range(200)})
+    first = registry.publish(df)
+    assert registry.find(df) is first  # (the first check looks at every block)
+    looked = []
+    monkeypatch.setattr(_codec, "_BLOCK_VALUES", lambda blk: looked.append(blk) or blk.values)
+    assert all(registry.find(df) is first for _ in range(10)) and looked == []
+    blocks = df._mgr.blocks
+    df.replace({"s7": {"x": "z"}}, inplace=True)
+    assert df._mgr.blocks is blocks  # (the case the block tuple does not show)
+    assert registry.find(df) is None and looked
+    assert registry.publish(df) is not first
+
+
 def test_equal_new_object_is_a_new_publication_sharing_storage(registry):
     df = frame()
     first = registry.publish(df)
