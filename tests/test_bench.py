@@ -262,6 +262,18 @@ def test_a_quick_run_says_targets_are_not_judged(capsys):
 
 
 @linux_only
+def test_a_quick_scenario_run_says_targets_are_not_judged(capsys):
+    """Issue 15: --quick claimed MISSED for targets stated at 400 MB."""
+    argv = ["--scenario", "row-partitioned", "--quick", "--chunks", "4", "--string-kind", "arrow",
+            "--skip", "joblib,joblib-sharedexec,pandarallel"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "MISSED" not in text and "PASS" not in text and " MISS" not in text
+    assert "not judged" in text
+    assert "--quick: targets are not judged on a 10,000-row frame; run without --quick (500,000 rows) to judge them." in text
+
+
+@linux_only
 @pytest.mark.parametrize("scenario, keys", [
     ("row-partitioned", {"stdlib", "joblib", "sharedexec", "sharedexec-shared", "joblib-sharedexec", "pandarallel"}),
     ("few-rows", {"data-server", "sharedexec"}),
