@@ -385,12 +385,15 @@ class _Encoder(pickle.Pickler):
 
     def out_of_band(self, data: np.ndarray | pa.Buffer) -> int:
         """The number of ``data`` (a uint8 ndarray, contiguous or 2-D with
-        contiguous rows, or a pa.Buffer) among the buffers. The same memory met again through another object
-        (pyarrow wraps each buffer in a new pa.Buffer whenever an array is
-        pickled; a dictionary shared by chunks; two views of one array) gets
-        the same number: it is copied once and stays shared once decoded."""
+        contiguous rows, or a pa.Buffer) among the buffers. The same memory
+        met again through another object (pyarrow wraps each buffer in a new
+        pa.Buffer whenever an array is pickled; a dictionary shared by chunks;
+        two views of one array) gets the same number: it is copied once and
+        stays shared once decoded."""
         if isinstance(data, np.ndarray):
             key = (data.__array_interface__["data"][0], data.nbytes)
+            if not data.flags.c_contiguous:  # rows of a block slice: other bytes than a flat buffer there
+                key += (data.shape, data.strides)
         else:
             key = (data.address, data.size)
         number = self._numbers.get(key)

@@ -160,6 +160,17 @@ def test_rows_of_a_block_go_into_the_segment_without_a_compact_copy(registry, mo
         exact.assert_identical(got, stdlib(piece), mmap_mode="r")
 
 
+def test_rows_of_a_block_are_not_mistaken_for_a_flat_buffer_at_the_same_address(registry):
+    """The rows of a block slice and a flat array starting at the same
+    address with as many bytes are different bytes: each gets its own."""
+    base = np.arange(2 * 40_000, dtype=np.float64).reshape(2, 40_000)
+    piece = pd.DataFrame(base.T, copy=False).iloc[:20_000]
+    assert piece._mgr.blocks[0].values.__array_interface__["data"][0] == base.__array_interface__["data"][0]
+    piece.attrs["flat"] = base.ravel()[:40_000]  # same start, same size
+    nbytes, got = copied(registry, piece)
+    exact.assert_identical(got, stdlib(piece), mmap_mode="r")
+
+
 @pytest.mark.parametrize("cut", COPIES.values(), ids=COPIES.keys())
 def test_head_and_tail_of_a_shared_frame_copy_their_own_bytes(registry, cut):
     piece = cut(registry.share(arrow_frame()))
