@@ -99,11 +99,15 @@ def shared_make_frame(rows):
 
 @sharedexec.shared
 def shared_hold(args):
-    """Keep the frame's pages in use until the parent says so."""
+    """Keep the frame's pages in use until the parent says so; tell it
+    (a file ``<ready>/<i>``, if a ``ready`` directory is given) once every
+    column has been read."""
     import time
 
-    df, i, flag = args
+    df, i, flag, *ready = args
     total = float(sum(df[c].to_numpy().sum() for c in df.columns))
+    for directory in ready:
+        open(os.path.join(directory, str(i)), "w").close()
     while not os.path.exists(flag):
         time.sleep(0.02)
     return total + i
