@@ -338,12 +338,17 @@ class Registry:
 
     # -- share() ----------------------------------------------------------------
 
-    def share(self, obj: Any) -> Any:
-        """Publish ``obj`` and return an equal object backed by the segment."""
+    def share(self, obj: Any, adopt: bool = False) -> Any:
+        """Publish ``obj`` and return an equal object backed by the segment:
+        with ``adopt``, ``obj`` itself if its blocks could be re-pointed."""
         with self._lock:
             if self.shared_publication(obj) is not None:
                 return obj  # already one
-            pub = self.publish(obj)
+            pub = self.publish(obj, adopt=adopt)
+            if pub.adopted:
+                pub.shared = True
+                self._shared_ids.add(id(obj))
+                return obj
             view = pub.mapping.view.toreadonly()
             shared = _publication.read(
                 _segment.Mapping(pub.name, pub.mapping.size, view, pub.mapping.layout_offset, pub.mapping.layout_size),
@@ -367,7 +372,7 @@ class Registry:
         pub = self._by_id.get(id(obj))
         if pub is None or pub.source is None or pub.source() is not obj:
             return None  # an object at a dead one's address
-        return self.find(obj) or self.publish(obj)
+        return self.find(obj) or self.publish(obj, adopt=pub.adopted)
 
     # -- leases -----------------------------------------------------------------
 

@@ -139,7 +139,7 @@ def shared(fn=None, /, *, min_bytes=1 << 20, mmap_mode="r", on_full="fallback", 
     return SharedFunction(fn, options)
 
 
-def share(obj: T) -> T:
+def share(obj: T, *, adopt: bool = False) -> T:
     """Publish `obj` (a DataFrame, Series, Index, ndarray or Arrow object)
     in shared memory now, and return an equal object of the same type backed
     by that memory. Drop the original to keep a single copy.
@@ -149,6 +149,11 @@ def share(obj: T) -> T:
     Its data is read-only. The segment lives as long as the returned object
     (and the tasks that carry it). Any other type raises `TypeError`
     (a [`SharedExecError`][sharedexec.SharedExecError]) before anything is written.
+
+    With `adopt=True`, a DataFrame or Series is re-pointed at the shared
+    copy as it is made, and `obj` itself is returned: one copy in total,
+    still writable through pandas (see
+    [Semantics](semantics.md#one-copy-in-total-adopttrue)).
     """
     # Checked first: a list or dict would otherwise be published, then fail
     # to be tracked (no weak reference), its segment kept till exit.
@@ -161,4 +166,4 @@ def share(obj: T) -> T:
     install_hooks()
     if unshared():
         return obj  # it travels by plain pickling, as with the standard library
-    return _registry.REGISTRY.share(obj)
+    return _registry.REGISTRY.share(obj, adopt)

@@ -331,3 +331,17 @@ def test_sent_elsewhere_the_frame_goes_by_value():
 def test_adopt_must_be_a_bool():
     with pytest.raises(ValueError, match="adopt must be True or False"):
         sharedexec.ProcessPoolExecutor(1, adopt="yes")
+
+
+def test_share_adopting_returns_the_frame_itself_now_in_shared_memory(mp_context):
+    df, twin = mixed_frame(50_000), mixed_frame(50_000)
+    assert sharedexec.share(df, adopt=True) is df
+    twin = sharedexec.share(twin)
+    pub = _registry.REGISTRY.shared_publication(df)
+    assert pub.adopted and in_segment(df._mgr.blocks[0].values, pub.name)
+    df.loc[0, "f"] = twin.loc[0, "f"] = 5.0  # writable through pandas, published again (and adopted)
+    queue = mp_context.Queue()
+    queue.put(df)  # travels as a handle, as any share()d object
+    queue.put(twin)
+    assert_identical(queue.get(timeout=60).head(3), queue.get(timeout=60).head(3))
+    assert _registry.REGISTRY.shared_publication(df).adopted
