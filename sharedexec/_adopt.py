@@ -41,6 +41,7 @@ Anything else -- object columns, an Index, a bare ndarray or Arrow object
 
 from __future__ import annotations
 
+import ctypes
 import pickle
 import sys
 from typing import Any
@@ -62,6 +63,7 @@ except ImportError:  # pragma: no cover - the no-pyarrow CI job
 Key = tuple[int, int]  # (address, nbytes), as the registry keys buffers
 
 SUPPORTED = sys.platform.startswith("linux")
+GIVE_BACK_BYTES = 32 << 20  # freed originals returned to the system at least this often
 
 
 class _Holder:
@@ -205,13 +207,19 @@ class Adoption:
     def __init__(self, obj: Any) -> None:
         self.blocks: list[tuple[Any, list[Key]]] = []
         self.moved: list[tuple[Key, memoryview]] = []  # each moved buffer: its key, its private view
+        self._views: dict[Key, memoryview] = {}
+        self._needed: set[Key] = set()
+        self._unreturned = 0  # bytes freed since the last give_back()
         if not SUPPORTED or not isinstance(obj, (pd.DataFrame, pd.Series)) or _codec.write_guard(obj) is None:
             return
         for blk in obj._mgr.blocks:
             if _movable(blk):
                 self.blocks.append((blk, _keys(blk.values)))
-        self._views: dict[Key, memoryview] = {}
-        self._needed: set[Key] = set()
+
+    def done(self) -> None:
+        """After the last buffer: what was freed goes back to the system."""
+        if self._unreturned:
+            give_back()
 
     def expect(self, new: set[Key]) -> None:
         """``new``: the keys of the buffers this segment gets. A block moves
@@ -245,3 +253,24 @@ class Adoption:
         views = {k: self._views[k] for k in keys}
         blk.values = _moved(blk.values, views)
         self.moved.extend(views.items())
+        self._unreturned += sum(view.nbytes for view in views.values())
+        if self._unreturned >= GIVE_BACK_BYTES:  # the peak stays the frame plus a block or so
+            give_back()
+            self._unreturned = 0
+
+
+try:  # glibc: give the heap's free pages back (others return large blocks by themselves)
+    _malloc_trim = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError, TypeError):
+    _malloc_trim = None
+
+
+def give_back() -> None:
+    """Return the memory of the originals just freed to the system: glibc
+    keeps freed blocks below its mmap threshold (32 MB at most) in its heap,
+    Arrow's allocator (mimalloc, jemalloc) its freed pages, for reuse by this
+    process -- not what a frame moved out of the process should leave."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+    if pa is not None:
+        pa.default_memory_pool().release_unused()

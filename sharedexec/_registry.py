@@ -243,6 +243,7 @@ class Registry:
             if adoption is not None and adoption.moved:
                 # The frame's own memory now: it lives while the frame does.
                 pub.adopted = True
+                adoption.done()
                 offsets = {key: offset for key, (_, offset, _) in zip(new_keys, placed)}
                 for key, view in adoption.moved:
                     self._remember(pub, view, pub, offsets[key], {(_buffer_address(view), view.nbytes)})

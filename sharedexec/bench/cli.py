@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from sharedexec.bench import partitioned, report, tasks
+from sharedexec.bench import onecopy, partitioned, report, tasks
 from sharedexec.bench.approaches import APPROACHES, BY_KEY, Approach
 from sharedexec.bench.frames import STRING_KINDS, describe, frame_nbytes, make_frame
 from sharedexec.bench.runner import Result, run_approach
@@ -89,11 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep", action="store_true", help="also memory vs workers (1..16), time vs tasks and vs frame size, each as a PNG (default off)"
     )
     p.add_argument(
-        "--scenario", choices=("broadcast", *partitioned.SCENARIOS), default="broadcast",
+        "--scenario", choices=("broadcast", *partitioned.SCENARIOS, *onecopy.SCENARIOS), default="broadcast",
         help="broadcast: the whole frame to every task (the default); row-partitioned: one chunk of rows per task; "
-        "few-rows: each task reads a few rows (with a data-server approach)",
+        "few-rows: each task reads a few rows (with a data-server approach); one-copy: memory and time of "
+        "adopt=True against adopt=False, 8 workers reading a --gb frame; fill: see --fill",
     )
     p.add_argument("--chunks", type=int, default=TARGET_CHUNKS, help=f"row-partitioned: chunks, one task each (default {TARGET_CHUNKS})")
+    p.add_argument(
+        "--fill", action="store_true",
+        help="the scenario 'fill': a frame of 55%% of the memory this process may use (its cgroup's limit, else the "
+        "machine's), run to completion by 8 workers with adopt=True; approaches that need two copies are listed as skipped",
+    )
+    p.add_argument("--gb", type=float, default=2.0, help="one-copy: the frame's size in GB (default 2)")
     add_start_method(p, "; joblib's approaches use loky, fork-global fork, Ray its own")
     p.add_argument("--json", metavar="PATH", help="write every figure as JSON (default: not written)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the main figures, sweep PNGs beside it (default: not written)")
@@ -215,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.fill or args.scenario in onecopy.SCENARIOS:
+        ctx = context_for(args.start_method)
+        return _onecopy_main("fill" if args.fill else args.scenario, args, ctx, " ".join([parser.prog, *argv]))
     approaches = _resolve(args, parser)
     ctx = context_for(args.start_method)
     if args.scenario != "broadcast":
@@ -316,6 +326,22 @@ def _judged(targets: Sequence[report.Target], args: argparse.Namespace) -> list[
     if not args.quick:
         return list(targets)
     return [dataclasses.replace(t, status="not judged") if t.status in ("PASS", "MISS") else t for t in targets]
+
+
+def _onecopy_main(scenario: str, args: argparse.Namespace, ctx: multiprocessing.context.BaseContext, command: str) -> int:
+    """The scenarios of issue 18 (:mod:`sharedexec.bench.onecopy`)."""
+    results, frame = onecopy.run_scenario(scenario, args.gb, ctx)
+    out = sys.stdout
+    env = report.environment(args.start_method, command)
+    report.print_header(env, f"sharedexec bench: {scenario}", out)
+    print(f"\nframe: {frame}", file=out)
+    report.print_table(results, f"{scenario}: {onecopy.WORKERS} workers each read every column, held at once "
+                       "(first = the publication alone)", out)
+    targets = onecopy.targets(results)
+    report.print_targets(targets, "", out)
+    if args.json:
+        report.write_json(args.json, env, vars(args), {"arrow": frame}, results, targets)
+    return _closing(results, targets, "", out)
 
 
 def _closing(results: Sequence[Result], targets: Sequence[report.Target], not_judged: str, out: TextIO) -> int:

@@ -182,7 +182,15 @@ def _arrow_strings_checksum(chunk: Any) -> int:
     if not len(chunk) or data is None:
         return chunk.null_count
     strings = np.frombuffer(data, np.uint8)[ends[0] : ends[-1]]
-    return _page_sample(ends - ends[0]) + _page_sample(strings) + chunk.null_count
+    return _offsets_sample(ends) + _page_sample(strings) + chunk.null_count
+
+
+def _offsets_sample(ends: np.ndarray) -> int:
+    # One offset every PAGE bytes, relative to the first (a slice's offsets may
+    # start anywhere), with no copy of the buffer: a task's own temporaries
+    # would otherwise count as memory its sharing costs.
+    samples = ends[:: max(PAGE // ends.itemsize, 1)] - ends[0]
+    return int(samples.astype(np.uint64).sum())
 
 
 def checksum(df: pd.DataFrame) -> int:
