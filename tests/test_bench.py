@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("psutil")
 
 import sharedexec  # noqa: E402
-from sharedexec.bench import demo_main, main, report, tasks  # noqa: E402
+from sharedexec.bench import demo_main, main, onecopy, report, tasks  # noqa: E402
 from sharedexec.bench.approaches import BY_KEY, NumericArray  # noqa: E402
 from sharedexec.bench.frames import make_frame, make_mixed_frame  # noqa: E402
 from sharedexec.bench.memory import SHM_DIR, MemoryMeter, _private_kb, shm_used_bytes  # noqa: E402
@@ -320,3 +320,38 @@ def test_strings_checksum_does_not_depend_on_how_a_slice_travelled():
     frame = make_frame(3000, string_kind="arrow")
     piece = frame.iloc[1000:2000]
     assert tasks.checksum(pickle.loads(pickle.dumps(piece))) == tasks.checksum(piece) == tasks.checksum(piece.copy())
+
+
+@linux_only
+@pytest.mark.slow
+def test_one_copy_scenario_runs_both_ways_correctly(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    assert main(["--scenario", "one-copy", "--gb", "0.02", "--json", str(out_json)]) == 0, capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    got = {r["approach"]: r for r in doc["results"]}
+    assert set(got) == {"sharedexec-adopt-false", "sharedexec-adopt-true"}
+    assert all(r["status"] == "ok" and r["correct"] for r in got.values()), got
+    assert {t["what"] for t in doc["targets"]} >= {"publication time, adopt=True / adopt=False"}
+
+
+@linux_only
+def test_fill_runs_adopting_and_says_why_the_others_cannot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(onecopy, "memory_limit", lambda: (40_000_000, "a test's limit"))
+    out_json = tmp_path / "bench.json"
+    assert main(["--fill", "--json", str(out_json)]) == 0, capsys.readouterr().out
+    got = {r["approach"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert got.pop("sharedexec-adopt-true")["correct"] is True
+    assert set(got) == {"sharedexec-adopt-false", "stdlib", "joblib"}
+    assert all(r["status"] == "skipped" and "two copies" in r["reason"] for r in got.values())
+    assert "of the 0.04 GB limit (a test's limit)" in capsys.readouterr().out
+
+
+def test_the_memory_limit_is_the_lowest_cgroup_limit_on_the_way_to_the_root(tmp_path, monkeypatch):
+    for path, name, value in [("", "memory.max", "max\n"), ("a", "memory.max", "3221225472\n"), ("a/b", "memory.max", "max\n")]:
+        (tmp_path / path).mkdir(parents=True, exist_ok=True)
+        (tmp_path / path / name).write_text(value)
+    assert onecopy._walk(str(tmp_path), "/a/b", "memory.max") == [(3221225472, f"{tmp_path}/a/memory.max (cgroup)")]
+    monkeypatch.setattr(onecopy, "_cgroup_limits", lambda: [(3 << 30, "v1"), (5 << 30, "v2"), (1 << 60, "none")])
+    assert onecopy.memory_limit() == (3 << 30, "v1")
+    monkeypatch.setattr(onecopy, "_cgroup_limits", lambda: [])
+    assert onecopy.memory_limit()[1] == "physical memory"

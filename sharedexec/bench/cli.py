@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fill", action="store_true",
         help="the scenario 'fill': a frame of 55%% of the memory this process may use (its cgroup's limit, else the "
-        "machine's), run to completion by 8 workers with adopt=True; approaches that need two copies are listed as skipped",
+        "machine's), run to completion by 8 workers with adopt=True; approaches that need two copies are listed as skipped "
+        "(default off)",
     )
     p.add_argument("--gb", type=float, default=2.0, help="one-copy: the frame's size in GB (default 2)")
     add_start_method(p, "; joblib's approaches use loky, fork-global fork, Ray its own")
@@ -335,6 +336,7 @@ def _onecopy_main(scenario: str, args: argparse.Namespace, ctx: multiprocessing.
     env = report.environment(args.start_method, command)
     report.print_header(env, f"sharedexec bench: {scenario}", out)
     print(f"\nframe: {frame}", file=out)
+    print(f"shared memory counted: {', '.join(onecopy.counted_dirs())}", file=out)
     report.print_table(results, f"{scenario}: {onecopy.WORKERS} workers each read every column, held at once "
                        "(first = the publication alone)", out)
     targets = onecopy.targets(results)
