@@ -252,6 +252,7 @@ class Adoption:
             return
         views = {k: self._views[k] for k in keys}
         blk.values = _moved(blk.values, views)
+        _codec.note_block_write()
         self.moved.extend(views.items())
         self._unreturned += sum(view.nbytes for view in views.values())
         if self._unreturned >= GIVE_BACK_BYTES:  # the peak stays the frame plus a block or so

@@ -939,6 +939,13 @@ def block_writes() -> int:
     return _last_set_inplace
 
 
+def note_block_write() -> None:
+    """An existing Block was given a new array outside pandas (``_adopt``
+    re-points blocks at their segment): the next checks look at the arrays."""
+    global _last_set_inplace
+    _last_set_inplace = next(_set_inplace_calls)
+
+
 def _counted(set_inplace: Callable) -> Callable:
     @functools.wraps(set_inplace)
     def counted(self, *args, **kwargs):
