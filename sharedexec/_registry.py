@@ -446,6 +446,8 @@ class Registry:
         with self._lock:
             while self._dead:
                 pub = self._dead.popleft()
+                if pub.released:
+                    continue  # released while its source lived: nothing of it is left to keep
                 if pub.source_alive and (pub.source is None or pub.source() is None):
                     pub.source_alive = False
                     pub.unbind()  # the fingerprint holds the source's arrays alive
@@ -488,6 +490,11 @@ class Registry:
         self._waiting.discard(pub)
         if self._by_id.get(pub.key) is pub:
             del self._by_id[pub.key]
+        # Nothing of ours may keep the publication -- and so its mapping of
+        # the now unlinked segment -- past this point: its source's weak
+        # reference goes (its callback holds the publication, and would queue
+        # it when the source dies; see collect).
+        pub.source = None
         pub.unbind()
         self._forget_buffers(pub)
         self._by_name.pop(pub.name, None)

@@ -260,6 +260,29 @@ def test_derived_publications_are_released_once():
         registry.release_all()
 
 
+def test_released_publication_lets_go_of_its_mapping(mp_context):
+    """A frame's segment released while the frame lives (the pool is gone,
+    nobody maps it), the frame dropped later: this process maps the unlinked
+    segment no more, at once, with no garbage collection (the released
+    publication used to be queued as "source died" when the frame went, and
+    never left that queue: its mapping stayed until exit)."""
+    df = make_frame(60_000)
+    gc.disable()  # a full collection would hide the reference cycle that kept it
+    try:
+        with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=1000) as ex:
+            assert ex.submit(tasks.frame_checksum, df).result() == checksum(df)
+            names = set(owned_segments())
+        assert names
+        wait_until(no_file_left, RETURN_SECONDS)  # the collector released it
+        wait_until(lambda: not names & set(tasks.mapped_segments(os.getpid())), RETURN_SECONDS)
+        del df
+        _registry.REGISTRY.collect()
+        assert not _registry.REGISTRY._waiting
+        assert not names & set(tasks.mapped_segments(os.getpid()))
+    finally:
+        gc.enable()
+
+
 def test_consumer_of_shared_frames_drops_its_mappings(tmp_path):
     """A process that receives share()d frames through a queue and runs no
     pool task drops its mappings once the publisher releases them."""
