@@ -18,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sharedexec
 from sharedexec import _codec, _registry, _segment, _store
@@ -158,6 +160,30 @@ def test_rows_of_a_block_go_into_the_segment_without_a_compact_copy(registry, mo
         nbytes, got = copied(registry, piece)
         assert 0 < nbytes <= _codec.nbytes(piece) + ALIGNMENT
         exact.assert_identical(got, stdlib(piece), mmap_mode="r")
+
+
+ROW_DTYPES = ["float64", "int8", "uint16", "complex128", "bool", "datetime64[ns]", "timedelta64[s]", ">i4", "S3", "V5",
+              np.dtype([("a", "i2"), ("b", "f8")])]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    dtype=st.sampled_from(ROW_DTYPES),
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 300)),
+    bounds=st.tuples(st.integers(0, 300), st.integers(0, 300)),
+    step=st.sampled_from([1, 1, 2]),
+    memmap=st.booleans(),
+)
+def test_row_slices_of_2d_arrays_arrive_exactly(registry, dtype, shape, bounds, step, memmap):
+    """Rows of a 2-D array (contiguous rows: written row by row; other
+    strides: compacted) arrive as the stdlib sends them, whatever the dtype."""
+    whole = np.frombuffer(np.random.default_rng(0).bytes(shape[0] * shape[1] * np.dtype(dtype).itemsize), dtype=dtype)
+    whole = whole.reshape(shape).copy()
+    if memmap:
+        whole = whole.view(np.memmap)
+    piece = whole[:, min(bounds) : max(bounds) : step]
+    _, got = copied(registry, piece)
+    exact.assert_identical(got, stdlib(piece), mmap_mode="r")
 
 
 def test_rows_of_a_block_are_not_mistaken_for_a_flat_buffer_at_the_same_address(registry):
