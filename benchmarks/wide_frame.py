@@ -11,8 +11,9 @@ Neither does now (the parent's check looks at a few identities; see
 blocks) is measured too.
 
 Measured three ways, medians of ``--repeat`` runs, one process per side:
-per task through a warm ``sharedexec.ProcessPoolExecutor`` (what a user sees),
-and the parent's and the worker's share of it in-process (no scheduling noise):
+per task through a warm ``sharedexec.ProcessPoolExecutor`` (what a user sees;
+the frames' runs interleaved), and the parent's and the worker's share of it
+in-process (no scheduling noise):
 
     PYTHONPATH=. python benchmarks/wide_frame.py [--rows 200] [--tasks 400]
 
@@ -85,10 +86,17 @@ def _worker_side(payload: bytes, repeat: int) -> float:
     return median_seconds(lambda: pickle.loads(payload), repeat)
 
 
-def through_pool(ex: sharedexec.ProcessPoolExecutor, df: pd.DataFrame, tasks: int, repeat: int) -> float:
-    for _ in ex.map(trivial, [df] * 8):  # publish, and attach in every worker
-        pass
-    return median_seconds(lambda: list(ex.map(trivial, [df] * tasks)), repeat) / tasks
+def through_pool(ex: sharedexec.ProcessPoolExecutor, frames: dict[str, pd.DataFrame], tasks: int, repeat: int) -> dict[str, float]:
+    """Seconds per task for each frame, the frames' runs interleaved: a busy
+    machine's drift (or a pool still settling) then hits every frame alike."""
+    for df in frames.values():
+        for _ in ex.map(trivial, [df] * 8):  # publish, and attach in every worker
+            pass
+    times: dict[str, list[float]] = {name: [] for name in frames}
+    for _ in range(repeat):
+        for name, df in frames.items():
+            times[name] += timeit.repeat(lambda: list(ex.map(trivial, [df] * tasks)), number=1, repeat=1)
+    return {name: statistics.median(t) / tasks for name, t in times.items()}
 
 
 def main() -> None:
@@ -108,9 +116,10 @@ def main() -> None:
     }
     figures = {}
     with sharedexec.ProcessPoolExecutor(args.workers, min_bytes=0) as ex:
+        pools = through_pool(ex, frames, args.tasks, args.repeat)
         for name, df in frames.items():
             parent, worker = in_process(df, args.repeat * 100)
-            pool = through_pool(ex, df, args.tasks, args.repeat)
+            pool = pools[name]
             figures[name] = (pool, parent, worker)
             print(
                 f"{name:<7} {df.shape[1]:>5} columns {df._mgr.nblocks:>5} blocks: "
