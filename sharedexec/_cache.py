@@ -5,7 +5,8 @@ decodes the object and keeps it in a per-process cache, so the thousandth task
 that uses the same frame pays a dict lookup and a shallow copy
 (``_codec.task_view``: what one task does to its frame is not seen by the next).
 With ``mmap_mode="c"`` each task maps the segment privately instead
-(copy-on-write: writes copy the touched pages, seen by nobody else) and nothing
+(copy-on-write: writes copy the touched pages, seen by nobody else; a private
+copy of it under POSIX shared memory, which XNU maps shared only) and nothing
 is cached.
 
 The cache is bounded in bytes and drops the entries whose segment the
@@ -18,8 +19,9 @@ keeps a flock alone (``_segment.hold``) for those segments.
 
 Results travel the other way: a worker writes a large result into a segment
 named for the *caller* (so the caller's reaper removes it if the caller dies),
-and the caller maps it privately -- writable, copy-on-write -- and unlinks it
-at once; the memory lives as long as the caller's object does.
+and the caller maps it writable and unlinks it at once: nobody else maps it
+any more, so its writes are its own, and the memory lives as long as the
+caller's object does.
 """
 
 from __future__ import annotations
@@ -257,12 +259,15 @@ class Handle:
                 f"{_names.shm_dir()} by a cleanup script, `rm /dev/shm/sx_*` or a container restart"
             )
         if isinstance(error, SegmentNotOursError):
-            # Its name was taken by a file that is not ours: say so, and why
-            # the segment itself is gone.
+            # Something that is not a segment of ours is there under its
+            # name: the error says what it is and what to do about it.
+            dead = "" if _names.pid_alive(self.publisher) else (
+                " The publishing process has exited: its segment went with it, and this is not it."
+            )
             return SegmentNotOursError(
                 error.errno,
-                f"cannot rebuild a shared object: segment {self.name}, published by process "
-                f"{self.publisher} on {self.host}, is gone. Likely cause: {cause}. {error.strerror}",
+                f"cannot rebuild a shared object from segment {self.name}, published by process "
+                f"{self.publisher} on {self.host}: {error.strerror}{dead}",
             )
         return SegmentNotFoundError(
             2,
@@ -339,11 +344,14 @@ def remove_orphan_results(owner_pid: int, creators: set[int] | None = None) -> l
 
 
 def claim_result(name: str, key: bytes, protocol: int = 5) -> Any:
-    """Map a result privately (writable) and unlink it: it is ours alone now.
+    """Map a result writable and unlink it: it is ours alone now (the worker
+    that wrote it unmapped it; a shared mapping, so no copy where private
+    ones are refused, see ``_store``). Other segments its table names are
+    someone else's too: privately.
     ``key`` is the writing worker's (``_segment``, Security); ``protocol`` the
     pickle protocol its message was written with (``_codec.pickled_with``)."""
     try:
-        mapping = _segment.attach(name, copy_on_write=True, key=key)
+        mapping = _segment.attach(name, writable=True, key=key)
     except SegmentNotFoundError as exc:
         raise type(exc)(
             exc.errno,

@@ -12,7 +12,9 @@ it owns. It holds the only read end of a pipe whose only write end stays in
 that process: forked children close their copy (``register_at_fork``), spawned
 ones never inherit it. When the process exits -- normally, by exception or by
 SIGKILL -- the reaper reads EOF and unlinks every segment whose name carries
-that pid, in each directory it was told about -- only regular files of its
+that pid, in each store it was told about: a tmpfs directory, or a POSIX
+store's lock directory, whose lock files name its objects (nothing lists the
+shm namespace on macOS, see :mod:`sharedexec._store`) -- only those of its
 own uid (a file another user made under such a name is left alone and does
 not stop the sweep, see :mod:`sharedexec._names`). That includes results that
 workers created on the process's behalf, since those are named for their
@@ -32,85 +34,41 @@ import threading
 
 _SWEEP_DELAYS = (0.0, 1.0, 3.0)
 
-# Results written for another process are pruned from the announced names
-# (those their owner has claimed, i.e. unlinked) once there are this many.
-_PRUNE_AT = 1024
-
 _lock = threading.Lock()
 _pipe_w: int | None = None
 _reaper_pid: int | None = None
-_told_dirs: set[str] = set()
-_own_names: set[str] = set()  # POSIX objects of ours
-_names_for: dict[str, int] = {}  # POSIX objects written for another owner (results)
+_told: set[str] = set()  # lines that name a store: "d<tmpfs dir>", "p<POSIX lock dir>"
 
 
 def _send(lines: list[str]) -> None:
     os.write(_pipe_w, "".join(line + "\n" for line in lines).encode())
 
 
-def _ensure() -> bool:
-    """A live reaper (a replaced one is told everything again); whether it
-    is new. Call with ``_lock`` held."""
+def _ensure() -> None:
+    """A live reaper (a replaced one is told everything again). Call with
+    ``_lock`` held."""
     global _pipe_w, _reaper_pid
     if _pipe_w is not None and not _alive(_reaper_pid):
         os.close(_pipe_w)
         _pipe_w = None
-    if _pipe_w is not None:
-        return False
-    _pipe_w, _reaper_pid = _spawn()
-    _send([f"d{d}" for d in sorted(_told_dirs)] + [f"+{n}" for n in sorted(_own_names)]
-          + [f"r{owner} {n}" for n, owner in sorted(_names_for.items())])
-    return True
+    if _pipe_w is None:
+        _pipe_w, _reaper_pid = _spawn()
+        _send(sorted(_told))
 
 
-def watch(directory: str | None = None) -> None:
-    """Make sure this process has a live reaper, that will clean
-    ``directory`` (a tmpfs store's) if given.
+def watch(kind: str, directory: str) -> None:
+    """Make sure this process has a live reaper, that will clean the store
+    of this ``kind`` listed in ``directory`` (a tmpfs store's directory, a
+    POSIX store's lock directory).
 
     Called before every publication, so a reaper that was killed (say by a
     ``pkill -f python``) is replaced before the next segment is created."""
+    line = ("p" if kind == "posix" else "d") + directory
     with _lock:
         _ensure()
-        if directory is not None and directory not in _told_dirs:
-            _told_dirs.add(directory)
-            _send([f"d{directory}"])
-
-
-def announce(name: str, owner_pid: int) -> None:
-    """A POSIX object is about to be created under ``name``: nothing can list
-    them on macOS, so the reaper is told each name. Ours is unlinked when we
-    die; a result written for ``owner_pid`` once both of us are dead (until
-    then the owner may still claim it)."""
-    with _lock:
-        _ensure()
-        if owner_pid == os.getpid():
-            _own_names.add(name)
-            _send([f"+{name}"])
-            return
-        if len(_names_for) >= _PRUNE_AT:
-            _prune_claimed()
-        _names_for[name] = owner_pid
-        _send([f"r{owner_pid} {name}"])
-
-
-def forget(name: str) -> None:
-    """``name`` was unlinked (by us): the reaper may forget it."""
-    with _lock:
-        if name in _own_names or name in _names_for:
-            _own_names.discard(name)
-            _names_for.pop(name, None)
-            if _pipe_w is not None:
-                _send([f"-{name}"])
-
-
-def _prune_claimed() -> None:
-    from ._store import posix_exists
-
-    gone = [name for name in _names_for if not posix_exists(name)]
-    for name in gone:
-        del _names_for[name]
-    if gone:
-        _send([f"-{name}" for name in gone])
+        if line not in _told:
+            _told.add(line)
+            _send([line])
 
 
 def watching() -> bool:
@@ -160,9 +118,7 @@ def _forget_in_child() -> None:
     if _pipe_w is not None:
         os.close(_pipe_w)
     _pipe_w, _reaper_pid, _lock = None, None, threading.Lock()
-    _told_dirs.clear()
-    _own_names.clear()
-    _names_for.clear()
+    _told.clear()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows
@@ -173,13 +129,10 @@ def _main(owner_pid: int) -> None:
     import signal
     import time
 
-    from _names import pid_alive, remove_owned_by
-    from _store import posix_exists, remove_posix_if_mine
+    from _store import PosixStore, TmpfsStore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    directories: set[str] = set()
-    own: set[str] = set()
-    results: dict[str, int] = {}
+    stores = {}
     pending = b""
     while True:
         chunk = os.read(3, 65536)
@@ -188,37 +141,15 @@ def _main(owner_pid: int) -> None:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in (raw.decode() for raw in lines if raw):
-            kind, rest = line[0], line[1:]
-            if kind == "d":
-                directories.add(rest)
-            elif kind == "+":
-                own.add(rest)
-            elif kind == "-":
-                own.discard(rest)
-                results.pop(rest, None)
-            elif kind == "r":
-                owner, name = rest.split(" ", 1)
-                results[name] = int(owner)
+            stores[line] = PosixStore(line[1:]) if line[0] == "p" else TmpfsStore(line[1:])
     start = time.monotonic()
     for delay in _SWEEP_DELAYS:
         time.sleep(max(0.0, start + delay - time.monotonic()))
-        for directory in directories:
+        for store in stores.values():
             try:
-                remove_owned_by(owner_pid, directory)  # skips what is not ours, entry by entry
-            except Exception:  # noqa: BLE001 - the other directories and sweeps must still run
+                store.remove_owned_by(owner_pid)  # skips what is not ours, entry by entry
+            except Exception:  # noqa: BLE001 - the other stores and sweeps must still run
                 pass
-        for name in own:  # POSIX objects: every name was announced
-            remove_posix_if_mine(name)
-        own.clear()
-    # Results written for another process: it may claim them while it lives.
-    while results:
-        for name, owner in list(results.items()):
-            if not posix_exists(name):  # claimed
-                del results[name]
-            elif not pid_alive(owner):
-                remove_posix_if_mine(name)
-                del results[name]
-        time.sleep(0.5)
 
 
 if __name__ == "__main__":

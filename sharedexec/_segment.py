@@ -33,11 +33,13 @@ cache entry), the total size, where the layout lies, the creator and owner
 pids, and a 16-byte *tag* (see Security). Buffers start on 64-byte boundaries.
 
 Who maps a segment is the kernel's to say (design brief, trap 17): every
-process that attaches one holds a shared ``flock`` on it for as long as its
-mapping lives -- one lock per segment and process, dropped with the last
-mapping, or by the kernel when the process dies, however it dies -- and the
-owner asks with a non-blocking exclusive ``flock`` (:func:`in_use`). No
-bookkeeping that a crash could leave wrong.
+process that attaches one holds a shared ``flock`` on it (on the descriptor
+the store's ``lock`` gives: the tmpfs file itself, or the POSIX object's lock
+file, since XNU cannot flock a shm object) for as long as its mapping lives
+-- one lock per segment and process, dropped with the last mapping, or by
+the kernel when the process dies, however it dies -- and the owner asks with
+a non-blocking exclusive ``flock`` (:func:`in_use`). No bookkeeping that a
+crash could leave wrong; what cannot be told counts as "in use".
 
 Names, and finding segments by owner, are in :mod:`sharedexec._names`.
 
@@ -52,8 +54,9 @@ if it is provably ours:
 
 * ``attach`` opens with ``O_NOFOLLOW | O_NONBLOCK`` (no symlink is followed,
   a FIFO cannot block us), then checks the *descriptor* (``fstat``, no race
-  with the name): a regular file, owned by our effective uid, mode 0600, and
-  the size its header claims. Anything else is :class:`SegmentNotOursError`,
+  with the name): owned by our effective uid, mode 0600, the size its header
+  claims, and a regular file wherever the kernel reports a type (XNU's shm
+  objects report none: the store's ``owns``). Anything else is :class:`SegmentNotOursError`,
   naming the file, its owner and what was expected.
 * Its header and layout must carry a valid tag: HMAC-SHA256 (truncated to 16
   bytes) under the creating process's 16-byte key, over the segment's name,
@@ -64,7 +67,7 @@ if it is provably ours:
   attaches a segment once), over the layout only -- the buffers are plain
   numbers, never unpickled -- so it costs microseconds, not a pass over data.
 * ``retire``, ``creator_of`` and every sweep (:mod:`sharedexec._names`) touch
-  only regular files of our uid, and never stop at one bad entry; a sweep
+  only segments of our uid (``owns``), and never stop at one bad entry; a sweep
   pays one ``lstat`` for another user's file (never an open, never a user-name
   lookup), so thousands of them cannot make a shutdown slow.
 * ``create`` refuses a directory in which another user could rename our
@@ -107,7 +110,7 @@ except ImportError:  # Windows: no segments there at all (the unshared fallback)
     fcntl = None
 
 from . import _names, _reaper, _store
-from ._names import DIR_ENV, is_mine, new_name, owner_of, shm_dir
+from ._names import DIR_ENV, new_name, owner_of, shm_dir
 from ._errors import (
     SegmentCorruptError,
     SegmentNotFoundError,
@@ -272,20 +275,18 @@ def prepare_owner() -> None:
     """Before this process creates a segment, or workers write results for
     it: a live reaper that knows where its segments go."""
     store = current_store()
-    _reaper.watch(store.directory if store.kind == "tmpfs" else None)
+    if store.kind == "posix":
+        _check_lock_dir(store.list_dir)
+    _reaper.watch(store.kind, store.list_dir)
 
 
 def list_owned_by(pid: int) -> list[str]:
-    """Segments of ours named for owner ``pid``, where the store can list
-    them (a tmpfs directory; Linux's POSIX objects, which live in /dev/shm).
-    macOS cannot list POSIX objects: there the answer is empty, and the
-    reapers, told every name, cover it (later: see docs/how-it-works.md)."""
+    """Segments of ours named for owner ``pid``: the files of a tmpfs
+    directory, the lock files of the POSIX store (see ``_store``)."""
     if unshared_reason() is not None:
         return []
     store = current_store()
-    if not store.listable:
-        return []
-    return [name for name, _, _ in _names.iter_segments(store.directory, mine_only=True, owner=pid)]
+    return [name for name, _, _ in _names.iter_segments(store.list_dir, mine_only=True, owner=pid)]
 
 
 def _find_unshared_reason(asked: str, directory: str) -> str | None:
@@ -393,19 +394,18 @@ def create(
                 f"Set {DIR_ENV} to an existing directory (a tmpfs is fastest).",
             )
         _check_dir(store.directory)
+    else:
+        _check_lock_dir(store.list_dir)
     space = store.free_bytes()
     if space is not None and size > space[0]:
         raise _full_error(size, store)
+    if owner_pid == os.getpid():  # results a worker writes are its owner's reaper's
+        _reaper.watch(store.kind, store.list_dir)
     name = new_name(owner_pid)
     key = process_key()
-    if store.kind == "posix":
-        # No directory to list: the reaper must hear of the name before the
-        # object exists, or a SIGKILL right after shm_open would leak it.
-        _reaper.announce(name, owner_pid)
     try:
         fd = store.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        _reaper.forget(name)
         raise _full_error(size, store) if exc.errno in _FULL else exc from None
     try:
         try:
@@ -413,7 +413,7 @@ def create(
         except OSError:  # a shm object where fchmod is not supported: shm_open's mode stands
             pass
         try:
-            os.ftruncate(fd, size)  # once: macOS refuses a second ftruncate of a shm object
+            os.ftruncate(fd, size)  # once: XNU refuses a second ftruncate of a shm object (see _store)
         except OSError as exc:
             raise _full_error(size, store) if exc.errno in _FULL else exc from None
         view = memoryview(mmap.mmap(fd, size))
@@ -489,6 +489,35 @@ def unsafe_dir_reason(directory: str) -> str | None:
     return None
 
 
+def _check_lock_dir(directory: str) -> None:
+    """Create the POSIX store's lock directory (see ``_store``) if it is
+    missing, and refuse one that is not ours alone: whoever could write in
+    it could remove lock files, so that segments in use looked unused. Once
+    per directory and process."""
+    if directory in _checked_dirs:
+        return
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise SharedMemoryError(
+            exc.errno,
+            f"cannot create {directory}, where sharedexec keeps one lock file per POSIX shared-memory "
+            f"segment: {exc.strerror}. Set TMPDIR to a writable directory of yours.",
+        ) from None
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        raise SharedMemoryError(
+            errno.EPERM,
+            f"refusing {directory} for sharedexec's lock files: it is {file_kind(st.st_mode)} owned by "
+            f"{describe_uid(st.st_uid)} with mode {stat.S_IMODE(st.st_mode):04o}, not a directory of "
+            f"{describe_uid(os.geteuid())} that nobody else can open. Remove it (as its owner), or set "
+            "TMPDIR to a directory of yours.",
+        )
+    _checked_dirs.add(directory)
+
+
 def describe_uid(uid: int) -> str:
     try:
         import pwd
@@ -499,6 +528,8 @@ def describe_uid(uid: int) -> str:
 
 
 def file_kind(mode: int) -> str:
+    if not stat.S_IFMT(mode):  # XNU's fstat of a shm object (see _store)
+        return "a shared-memory object"
     for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
                        (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
         if test(mode):
@@ -520,9 +551,10 @@ def _not_ours(store, name: str, st: os.stat_result | None) -> SegmentNotOursErro
     )
     return SegmentNotOursError(
         errno.EPERM,
-        f"refusing {path}: it is {found}, not a sharedexec segment of this user (a regular file owned by "
-        f"{describe_uid(os.geteuid())} with mode 0600). It is never read. The segment of this name is gone, "
-        "and another user or program created a file under its name; remove that file as its owner.",
+        f"refusing {path}: it is {found}, not a sharedexec segment of this user (owned by "
+        f"{describe_uid(os.geteuid())} with mode 0600). It was not read. Either the segment of this name "
+        "was removed and another user or program created this under its name, or its owner or mode was "
+        "changed since it was created; remove it as its owner.",
         path,
     )
 
@@ -546,9 +578,11 @@ _NOT_OURS_ERRNOS = frozenset((errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXI
 
 def _open_own(store, name: str, flags: int, strict: bool = True) -> tuple[int, os.stat_result]:
     """Open segment ``name`` without following a symlink or blocking on a
-    FIFO, and check the descriptor: a regular file of our effective uid (and
-    mode 0600 if ``strict``). SegmentNotFoundError if absent, _NotOurs if
-    not ours."""
+    FIFO, and check the descriptor: ours by the store's rules (``owns``: our
+    effective uid; a regular file, or no type at all for a POSIX object) and
+    mode 0600 if ``strict``. SegmentNotFoundError if absent, _NotOurs if
+    not ours. Callers check the size before mapping: on XNU nothing else
+    does (mmap checks a size against regular files only)."""
     _check_name(name)
     path = store.describe(name)
     try:
@@ -560,7 +594,7 @@ def _open_own(store, name: str, flags: int, strict: bool = True) -> tuple[int, o
             raise _NotOurs(path, None) from None
         raise
     st = os.fstat(fd)
-    if not is_mine(st) or (strict and stat.S_IMODE(st.st_mode) != 0o600):
+    if not store.owns(st) or (strict and stat.S_IMODE(st.st_mode) != 0o600):
         os.close(fd)
         raise _NotOurs(path, st)
     return fd, st
@@ -568,38 +602,48 @@ def _open_own(store, name: str, flags: int, strict: bool = True) -> tuple[int, o
 
 @dataclass(eq=False)
 class Hold:
-    """This process's shared flock on one segment: taken by the first
-    mapping (or :func:`hold`), released with the last."""
+    """This process's shared flock on one segment (on the descriptor the
+    store's ``lock`` gives: the segment's own, or its POSIX lock file): taken
+    by the first mapping (or :func:`hold`), released with the last."""
 
     name: str
     fd: int
     refs: int = 0
+    header: mmap.mmap | None = None  # :func:`hold`'s, to read the state
 
     def state(self) -> int:
-        return struct.unpack("<I", os.pread(self.fd, 4, STATE_OFFSET))[0]
+        # Through a mapping, not pread: XNU cannot read() a shm object.
+        return struct.unpack_from("<I", self.header, STATE_OFFSET)[0]
 
 
 _holds: dict[str, Hold] = {}
 _holds_lock = threading.Lock()
 
 
-def _take_hold(name: str, fd: int) -> tuple[Hold | None, bool]:
-    """This process's hold on ``name``, one more reference to it, and
-    whether it keeps ``fd`` (the caller must then not close it)."""
+def _take_hold(store, name: str, fd: int) -> Hold | None:
+    """This process's hold on ``name`` (``fd``: the segment, which the caller
+    still closes), one more reference to it; None if its owner is removing it
+    right now -- a mapping stays good (it survives the unlinking), there is
+    nothing to keep. Anything else that stops the lock is raised: a mapping
+    without its hold could be released under the process."""
     with _holds_lock:
         held = _holds.get(name)
         if held is None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                # Its owner is unlinking it right now: the mapping is good
-                # (it survives the unlinking), there is nothing to keep.
-                return None, False
-            held = _holds[name] = Hold(name, fd)
-            held.refs = 1
-            return held, True
+                lock = store.lock(name, fd)
+            except FileNotFoundError:  # its lock file goes last when it is removed
+                return None
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # the owner's exclusive probe (in_use): it is releasing it
+                os.close(lock)
+                return None
+            except BaseException:
+                os.close(lock)
+                raise
+            held = _holds[name] = Hold(name, lock)
         held.refs += 1
-        return held, False
+        return held
 
 
 def drop_hold(held: Hold) -> None:
@@ -634,31 +678,45 @@ def hold(name: str, directory: str | None = None) -> Hold | None:
     """Say "this process still needs ``name``" without mapping it (the
     copy-on-write tasks map it privately, one task at a time); None if it is
     gone. Give it back with :func:`drop_hold`."""
+    store = current_store(directory)
     try:
-        fd, _ = _open_own(current_store(directory), name, os.O_RDONLY)
+        fd, st = _open_own(store, name, os.O_RDONLY)
     except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
         return None
-    held, kept = _take_hold(name, fd)
-    if not kept:
+    try:
+        if st.st_size < ALIGN:
+            return None  # not a segment: attach says why
+        held = _take_hold(store, name, fd)
+        if held is not None and held.header is None:
+            held.header = mmap.mmap(fd, ALIGN, access=mmap.ACCESS_READ)
+        return held
+    finally:
         os.close(fd)
-    return held
 
 
 def in_use(name: str, directory: str | None = None) -> bool:
-    """Whether another process (or a mapping of this one's) maps ``name``."""
+    """Whether another process (or a mapping of this one's) maps ``name``.
+    What cannot be told is "in use": keeping a segment is the safe mistake."""
+    store = current_store(directory)
     try:
-        fd, _ = _open_own(current_store(directory), name, os.O_RDONLY)
+        fd, _ = _open_own(store, name, os.O_RDONLY)
     except SegmentNotFoundError:  # gone, or not ours (SegmentNotOursError)
         return False
-    except OSError:  # cannot tell (out of descriptors, say): keep it, the safe mistake
+    except OSError:  # out of descriptors, say
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
+        lock = store.lock(name, fd)
+    except OSError:  # no lock file (removed by a /tmp cleaner?), out of descriptors
         return True
     finally:
-        os.close(fd)  # drops our lock, if we got it
+        os.close(fd)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:  # BlockingIOError: a holder; anything else: cannot tell
+        return True
+    finally:
+        os.close(lock)  # drops our lock, if we got it
 
 
 def _unlink(store, name: str) -> None:
@@ -666,8 +724,6 @@ def _unlink(store, name: str) -> None:
         store.unlink(name)
     except FileNotFoundError:
         pass
-    if store.kind == "posix":
-        _reaper.forget(name)
 
 
 def attach(
@@ -678,8 +734,11 @@ def attach(
     key: bytes | None = None,
 ) -> Mapping:
     """Map an existing segment read-only; privately writable if
-    ``copy_on_write`` (writes copy the touched pages and are seen by nobody
-    else); shared writable if ``writable`` (the lease board only).
+    ``copy_on_write`` (writes are seen by nobody else: the kernel copies the
+    touched pages of a tmpfs file; a POSIX object, which XNU maps shared
+    only, is copied whole into private memory); shared writable if
+    ``writable`` (the lease board, and a result its owner claims: nobody
+    else maps it).
 
     Only a segment of ours is mapped (see Security): a regular file of our
     uid, mode 0600, whose header matches its size and whose tag verifies with
@@ -692,20 +751,21 @@ def attach(
         fd, st = _open_own(store, name, os.O_RDWR if writable else os.O_RDONLY)
     except _NotOurs as exc:
         raise _not_ours(store, name, exc.st) from None
-    held, kept = None, False
     try:
         size = st.st_size
         if size < ALIGN:
             raise SegmentCorruptError(f"segment {name} is truncated: {size} bytes, smaller than its header")
-        access = mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-        mm = mmap.mmap(fd, size, access=access)
-        if not writable:
-            held, kept = _take_hold(name, fd)
-            if held is not None:
-                weakref.finalize(mm, drop_hold, held)
+        if copy_on_write and not store.private_maps:
+            mm = _private_copy(fd, size)  # nothing of the segment stays mapped: no hold
+        else:
+            access = mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+            mm = mmap.mmap(fd, size, access=access)
+            if not writable:
+                held = _take_hold(store, name, fd)
+                if held is not None:
+                    weakref.finalize(mm, drop_hold, held)
     finally:
-        if not kept:
-            os.close(fd)
+        os.close(fd)
     view = memoryview(mm)
     magic, version, _, _, total, layout_offset, layout_size, *_, stored_tag = HEADER.unpack_from(view, 0)
     if not store.exact_size and total <= size < total + _PAGE:
@@ -732,18 +792,30 @@ def attach(
     return Mapping(name, size, view, layout_offset, layout_size, key)
 
 
+def _private_copy(fd: int, size: int) -> mmap.mmap:
+    """The segment's bytes in private anonymous memory: what a copy-on-write
+    mapping gives where MAP_PRIVATE is refused (XNU's shm objects, see
+    ``_store``), at the price of one copy instead of copying touched pages."""
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as shared:
+        private = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        private[:] = shared
+    return private
+
+
 def creator_of(name: str, directory: str | None = None) -> int | None:
     """The pid that created a segment of ours, from its header (None if it
     is not ours or unreadable)."""
     try:
-        fd, _ = _open_own(current_store(directory), name, os.O_RDONLY, strict=False)
+        fd, st = _open_own(current_store(directory), name, os.O_RDONLY, strict=False)
     except OSError:
         return None
     try:
-        # Through a mapping, not pread: macOS cannot read() a shm object.
+        if st.st_size < HEADER.size:
+            return None
+        # Through a mapping, not pread: XNU cannot read() a shm object.
         with mmap.mmap(fd, HEADER.size, access=mmap.ACCESS_READ) as mm:
             header = mm[: HEADER.size]
-    except (OSError, ValueError):  # shorter than a header
+    except (OSError, ValueError):
         return None
     finally:
         os.close(fd)
@@ -762,10 +834,12 @@ def retire(name: str, directory: str | None = None) -> bool:
         store = current_store(directory)
         # O_RDWR, not O_WRONLY: macOS's shm_open takes no O_WRONLY.
         fd, st = _open_own(store, name, os.O_RDWR, strict=False)
-    except SegmentNotOursError as exc:
+    except SegmentNotOursError as exc:  # our segment is gone: something else has its name
         log.debug("not retiring %s: %s", name, exc.strerror)
+        store.forget(name)
         return False
-    except FileNotFoundError:
+    except FileNotFoundError:  # removed by someone else (a cleanup script, say)
+        store.forget(name)
         return False
     except OSError as exc:
         # Out of descriptors (EMFILE, ENFILE) or interrupted: it may well be
@@ -773,20 +847,18 @@ def retire(name: str, directory: str | None = None) -> bool:
         # mapped until their cache evicts it) -- never leave it behind.
         log.debug("cannot open %s to retire it: %s", name, exc)
         try:
-            st = store.lstat(name)  # None where there is nothing to look at (macOS)
-            if st is not None and is_mine(st):
+            st = store.lstat(name)  # None where there is nothing to look at (POSIX objects)
+            if st is not None and store.owns(st):
                 _unlink(store, name)
                 return True
         except OSError as again:
             log.debug("cannot retire %s: %s", name, again)
         return False
     try:
-        try:
-            # Through a mapping, not pwrite: macOS cannot write() a shm object.
+        if st.st_size >= ALIGN:  # else nobody has it mapped as a segment
+            # Through a mapping, not pwrite: XNU cannot write() a shm object.
             with mmap.mmap(fd, ALIGN) as mm:
                 mm[STATE_OFFSET : STATE_OFFSET + 4] = struct.pack("<I", STATE_RETIRED)
-        except ValueError:  # shorter than a header: nobody has it mapped as a segment
-            pass
         # Unlink the file we opened, not one that took its name meanwhile.
         if store.same(name, st):
             _unlink(store, name)

@@ -195,6 +195,9 @@ def _probe(directory: str | None) -> str | None:
 
 
 def _probe_row(row, problems: list[str], directory: str | None, where: str) -> None:
+    if _segment.unshared_reason() is not None:
+        row("test segment", "not tried: sharing is unavailable (see above)")
+        return
     error = _probe(directory)
     row("test segment", "created, mapped and removed" if error is None else f"FAILED: {error}")
     if error is not None:
@@ -437,12 +440,13 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
         parser.error("--all-users is for root: other users' files can only be removed by their owner or root")
     out = sys.stdout
     directory = args.dir or _names.shm_dir()
-    if not args.dir and (os.environ.get(_store.BACKEND_ENV) or _store.default_backend()) == "posix":
+    posix = not args.dir and (os.environ.get(_store.BACKEND_ENV) or _store.default_backend()) == "posix"
+    if posix:
         directory = _segment._POSIX.directory
         if directory is None:
             print(
                 "POSIX shared memory cannot be listed on this platform (macOS): each process's reaper "
-                "removes its segments when it exits, and nothing else can find them.",
+                f"removes its segments, found by their lock files in {_store.lock_dir()}, when it exits.",
                 file=out,
             )
             return 0
@@ -484,6 +488,8 @@ def main_cleanup(argv: Sequence[str] | None = None) -> int:
             continue
         try:
             os.unlink(path)
+            if posix:  # Linux shows POSIX objects in /dev/shm; each has a lock file (see _store)
+                _names.unlink_path(os.path.join(_store.lock_dir(), name))
         except FileNotFoundError:
             continue  # its reaper (or another cleanup) was faster
         except OSError as exc:

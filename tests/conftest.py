@@ -21,6 +21,15 @@ import sharedexec
 from sharedexec import _names, _registry, _segment, _store
 
 from ._tasks import make_frame
+from .xnu import xnu_emulation
+
+# SX_EMULATE_XNU=1 (.ci/run's POSIX run): POSIX shm descriptors behave as on
+# macOS, here and in every process the suite starts (see tests/xnu).
+if os.environ.get(xnu_emulation.ENV) == "1":
+    xnu_emulation.install()
+    _XNU_DIR = os.path.dirname(os.path.abspath(xnu_emulation.__file__))
+    if _XNU_DIR not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_XNU_DIR, os.environ.get("PYTHONPATH")) if p)
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -78,13 +87,23 @@ def leaked_segments(timeout: float = 5.0) -> list[str]:
         if registry._board is not None:
             expected.add(registry._board.name)
         leaked = [
-            name
-            for name, owner, _ in _names.list_segments()
+            (name, what)
+            for name, owner, what in _listed()
             if (owner == os.getpid() and name not in expected) or (owner != os.getpid() and not _names.pid_alive(owner))
         ]
         if not leaked or time.monotonic() > deadline:
-            return [_describe(name) for name in leaked]
+            return [_describe(name) if what is None else f"{name} ({what})" for name, what in leaked]
         time.sleep(0.1)
+
+
+def _listed() -> list[tuple[str, int, str | None]]:
+    """(name, owner, None) of the segments in the directory, and under the
+    POSIX store (name, owner, "lock file") of its lock files: one left behind
+    is a leak too."""
+    listed = [(name, owner, None) for name, owner, _ in _names.list_segments()]
+    if BACKEND == "posix":
+        listed += [(name, owner, "lock file") for name, owner, _ in _names.list_segments(_store.lock_dir())]
+    return listed
 
 
 def _describe(name: str) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 import sharedexec
-from sharedexec import _names, _reaper
+from sharedexec import _reaper, _segment
 
 from .conftest import owned_segments
 
@@ -76,5 +76,5 @@ def test_a_killed_reaper_is_replaced_before_the_next_segment():
     deadline = time.monotonic() + 5
     while _reaper._alive(first) and time.monotonic() < deadline:
         time.sleep(0.01)
-    _reaper.watch(_names.shm_dir())
+    _segment.prepare_owner()
     assert _reaper._reaper_pid != first and _reaper._alive(_reaper._reaper_pid)

@@ -32,7 +32,9 @@ def test_names_fit_macos_and_carry_the_owner():
 def test_create_is_private_exclusive_and_aligned(segment):
     path = os.path.join(_names.shm_dir(), segment.name)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert os.stat(path).st_size == segment.size == 64 + _segment.align(1000) + 10
+    assert segment.size == 64 + _segment.align(1000) + 10
+    # XNU rounds an object's size up to a page (the POSIX run emulates it).
+    assert os.stat(path).st_size == (segment.size if _segment.current_store().exact_size else -(-segment.size // 4096) * 4096)
     assert segment.layout_offset % _segment.ALIGN == 0
     assert np.frombuffer(segment.view, np.uint8).ctypes.data % _segment.ALIGN == 0
     with pytest.raises(FileExistsError):
