@@ -32,7 +32,10 @@ before encoding and again just before a block moves):
   ``sys.getrefcount``: a reference taken by another thread in between is
   the one case left, and it loses no data;
 * Linux, where a private mapping of a tmpfs file sees the bytes the shared
-  mapping writes after it was made (POSIX leaves that unspecified).
+  mapping writes after it was made (POSIX leaves that unspecified), and the
+  tmpfs store: XNU maps POSIX shared memory shared only, so under
+  ``SHAREDEXEC_BACKEND=posix`` (macOS's store) nothing is adopted
+  (``_segment.create`` never reports a copy there).
 
 Anything else -- object columns, an Index, a bare ndarray or Arrow object
 (whose buffer cannot be swapped under its holder), a subclass's own storage

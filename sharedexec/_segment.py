@@ -381,7 +381,9 @@ def create(
     ``i`` is in the segment (in order, once this function holds no reference
     to it: a caller that drops its own may free the source there), with
     ``view`` its bytes in a private, copy-on-write mapping of the segment --
-    writable, its writes seen by this process alone (see ``_adopt``).
+    writable, its writes seen by this process alone (see ``_adopt``). Never
+    called where the store cannot map privately (XNU's shm objects, see
+    ``_store``): nothing is adopted there.
     """
     store = current_store(directory)
     offsets, layout_offset = offsets_for([buf.nbytes for buf in buffers])
@@ -426,7 +428,7 @@ def create(
         header[TAG_OFFSET:] = tag(key, name, header, layout)
         view[:ALIGN] = header
         placed = [*zip(offsets, buffers), (layout_offset, memoryview(layout))]
-        if copied is None:
+        if copied is None or not store.private_maps:
             _fill(fd, view, placed, store)
         else:
             private = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))

@@ -279,3 +279,22 @@ def test_a_pool_on_emulated_macos(tmp_path):
         return [n for d in ("/dev/shm", _store.lock_dir()) for n, owner, _ in _names.list_segments(d) if owner == out["pid"]]
 
     scripts.wait_for(lambda: not left(), 8, what="the reaper's sweep")
+
+
+def test_adopt_publishes_without_adopting(xnu):
+    """adopt=True (issue 18) re-points a frame at a private mapping of its
+    segment, which XNU refuses: under POSIX shared memory the frame is
+    published as without it, and keeps its own memory."""
+    import numpy as np
+    import pandas as pd
+
+    from sharedexec import _registry
+
+    frame = pd.DataFrame({"a": np.arange(200_000.0)})
+    before = frame._mgr.blocks[0].values.ctypes.data
+    pub = _registry.REGISTRY.publish(frame, adopt=True)
+    try:
+        assert not pub.adopted and frame._mgr.blocks[0].values.ctypes.data == before
+    finally:
+        del pub, frame
+        _registry.REGISTRY.collect()

@@ -18,7 +18,8 @@ cites:
   (``pshm_truncate``: EINVAL once allocated, ``round_page_64``);
 * ``mmap.mmap``: ``MAP_SHARED`` only, EINVAL for a private or copy-on-write
   mapping (``pshm_mmap``);
-* ``os.pread``/``os.pwrite``: ENOTSUP (``pshm_read``/``pshm_write``);
+* ``os.pread``, ``os.pwrite``/``pwritev``/``write``: ENOTSUP
+  (``pshm_read``/``pshm_write``);
 * ``fcntl.flock``/``fcntl.lockf``, ``os.fchmod``: ENOTSUP (they take a
   vnode: ``fp_getfvp`` in ``bsd/kern/kern_descrip.c``).
 
@@ -63,7 +64,8 @@ def patches() -> list[tuple[object, str, object]]:
     import fcntl
 
     real_fstat, real_ftruncate = os.fstat, os.ftruncate
-    real_pread, real_pwrite, real_fchmod = os.pread, os.pwrite, os.fchmod
+    real_pread, real_pwrite, real_pwritev, real_write = os.pread, os.pwrite, os.pwritev, os.write
+    real_fchmod = os.fchmod
     real_flock, real_lockf = fcntl.flock, fcntl.lockf
     real_mmap, real_spawn = mmap.mmap, os.posix_spawn
 
@@ -117,6 +119,8 @@ def patches() -> list[tuple[object, str, object]]:
         (os, "ftruncate", ftruncate),
         (os, "pread", refusing(real_pread, errno.ENOTSUP, "pread")),
         (os, "pwrite", refusing(real_pwrite, errno.ENOTSUP, "pwrite")),
+        (os, "pwritev", refusing(real_pwritev, errno.ENOTSUP, "pwritev")),
+        (os, "write", refusing(real_write, errno.ENOTSUP, "write")),
         (os, "fchmod", refusing(real_fchmod, errno.ENOTSUP, "fchmod")),
         (fcntl, "flock", refusing(real_flock, errno.ENOTSUP, "flock")),
         (fcntl, "lockf", refusing(real_lockf, errno.ENOTSUP, "lockf")),
