@@ -290,11 +290,11 @@ def test_adopt_publishes_without_adopting(xnu):
 
     from sharedexec import _registry
 
+    registry = _registry.Registry()  # its own: the process's lease board stays in the run's store
     frame = pd.DataFrame({"a": np.arange(200_000.0)})
     before = frame._mgr.blocks[0].values.ctypes.data
-    pub = _registry.REGISTRY.publish(frame, adopt=True)
+    pub = registry.publish(frame, adopt=True)
     try:
         assert not pub.adopted and frame._mgr.blocks[0].values.ctypes.data == before
     finally:
-        del pub, frame
-        _registry.REGISTRY.collect()
+        registry.release_all()
