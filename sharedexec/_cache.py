@@ -26,6 +26,7 @@ caller's object does.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import threading
@@ -34,6 +35,8 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from . import _codec, _leases, _names, _publication, _segment
 from ._errors import SegmentNotFoundError, SegmentNotOursError, SharedExecWarning, SharedMemoryError
@@ -87,6 +90,52 @@ class _Entry:
     mapping: _segment.Mapping
     nbytes: int
     private: bool  # holds mutable values: each task decodes its own (_codec.FrozenDecode)
+    cls: type  # the object's class: pandas may write into its arrays in place (_codec.writes_in_place)
+    mappings: list[_segment.Mapping]  # of the segments it lies in
+
+
+class TaskMemory:
+    """Memory of one task's own for the arrays of a cached frame or Series,
+    where pandas writes in place (``_codec.writes_in_place``): ``own(arr)``
+    is ``arr``'s bytes in a private mapping of its segment
+    (``_segment.private_view``: one per segment and task, written pages
+    copied), or a copy of them -- object arrays, which live in the process,
+    and arrays of a store that cannot map privately (macOS: then each task
+    copies its frame's bytes, as a stdlib task receives them)."""
+
+    def __init__(self, mappings: list[_segment.Mapping]) -> None:
+        starts = [np.frombuffer(m.view, np.uint8).__array_interface__["data"][0] for m in mappings]
+        self._spans = [(start, start + m.size, m) for start, m in zip(starts, mappings)]
+        self._views: dict[str, memoryview | None] = {}
+        self._given: list[tuple[int, int]] = []  # (start, end) handed out, sorted, disjoint
+
+    def own(self, arr: np.ndarray) -> np.ndarray:
+        if arr.nbytes and not arr.dtype.hasobject:
+            low, nbytes = _codec.span(arr)
+            for start, end, mapping in self._spans:
+                if start <= low and low + nbytes <= end:
+                    view = self._view(mapping)
+                    if view is not None and self._take(low, low + nbytes):
+                        offset = arr.__array_interface__["data"][0] - start
+                        return np.ndarray(arr.shape, arr.dtype, buffer=view, offset=offset, strides=arr.strides)
+                    break
+        return arr.copy(order="K")
+
+    def _view(self, mapping: _segment.Mapping) -> memoryview | None:
+        if mapping.name not in self._views:
+            self._views[mapping.name] = _segment.private_view(mapping)
+        return self._views[mapping.name]
+
+    def _take(self, low: int, high: int) -> bool:
+        # Arrays over one memory (``pd.DataFrame({"a": x, "b": x},
+        # copy=False)`` keeps two blocks over one array) are stored once; a
+        # pickle gives each its own, so a write through one must not show
+        # through the other: the second gets a copy (as _codec._shared_memory).
+        at = bisect.bisect(self._given, (low, high))
+        if (at and self._given[at - 1][1] > low) or (at < len(self._given) and self._given[at][0] < high):
+            return False
+        self._given.insert(at, (low, high))
+        return True
 
 
 class WorkerCache:
@@ -131,15 +180,17 @@ class WorkerCache:
                 self._entries.move_to_end(key)
         if entry is None:
             mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
+            others: dict[str, _segment.Mapping] = {}
             with _codec.frozen_decode() as decoded:
-                obj = self._read(mapping, copy_on_write=False)
+                obj = self._read(mapping, copy_on_write=False, others=others)
             # An object with mutable values is never handed out twice.
-            entry = _Entry(None if decoded.private else obj, mapping, mapping.size, decoded.private)
+            mappings = [mapping, *others.values()]
+            entry = _Entry(None if decoded.private else obj, mapping, mapping.size, decoded.private, type(obj), mappings)
             with self._lock:
                 self._entries[key] = entry
                 self._evict()
                 self._start_sweeper()
-            if entry.private:
+            if entry.private and not _codec.writes_in_place(entry.cls):
                 return obj
         return self._for_task(entry)
 
@@ -147,9 +198,13 @@ class WorkerCache:
         # What one task does to its object must not reach the next task: a
         # shallow view over read-only data, or a decode of its own when the
         # object holds values that cannot be read-only (a list in an object
-        # column). The segment stays mapped by the entry meanwhile.
+        # column). The segment stays mapped by the entry meanwhile. Where
+        # pandas writes in place, a frame's arrays are the task's own too.
+        in_place = _codec.writes_in_place(entry.cls)
         if not entry.private:
-            return _codec.task_view(entry.obj)
+            return _codec.task_view(entry.obj, TaskMemory(entry.mappings).own if in_place else None)
+        if in_place:  # a decode over private mappings, writable as a stdlib task's
+            return self._read(_segment.attach(entry.mapping.name, copy_on_write=True, key=entry.mapping.key), True)
         with _codec.frozen_decode():
             return self._read(entry.mapping, copy_on_write=False)
 
@@ -164,11 +219,12 @@ class WorkerCache:
         except SharedMemoryError:
             pass
 
-    def _read(self, mapping: _segment.Mapping, copy_on_write: bool) -> Any:
+    def _read(self, mapping: _segment.Mapping, copy_on_write: bool, others: dict[str, _segment.Mapping] | None = None) -> Any:
         key = mapping.key  # the handle's: the segments its table names are the same publisher's
         # Other segments a table names (buffers shared with an earlier
-        # publication) are mapped with the same access, once per decode.
-        others: dict[str, _segment.Mapping] = {}
+        # publication) are mapped with the same access, once per decode
+        # (into ``others``).
+        others = {} if others is None else others
 
         def attach_other(other: str) -> _segment.Mapping:
             if other not in others:

@@ -188,11 +188,10 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
     elif arr.flags.f_contiguous:
         order = "F"  # pandas' 2-D blocks are column-major: keep them as they are
     else:
-        span = _span(arr)
-        if enc.in_shared(*span):
+        low, nbytes = span(arr)
+        if enc.in_shared(low, nbytes):
             # A slice (rows of a 2-D block) of memory already in shared
             # memory: name the bytes it spans and rebuild the same view.
-            low, nbytes = span
             raw = np.asarray(_Memory(arr, low, nbytes))
             offset = arr.__array_interface__["data"][0] - low
             return _rebuild_strided, (enc.out_of_band(raw), arr.dtype, arr.shape, arr.strides, offset)
@@ -275,7 +274,7 @@ def _rows_contiguous(arr: np.ndarray) -> bool:
     return arr.ndim == 2 and arr.strides[1] == arr.itemsize and not (arr.flags.c_contiguous or arr.flags.f_contiguous)
 
 
-def _span(arr: np.ndarray) -> tuple[int, int]:
+def span(arr: np.ndarray) -> tuple[int, int]:
     """The address and size of the bytes from ``arr``'s lowest element to
     the end of its highest (strides may be negative)."""
     start = arr.__array_interface__["data"][0]
@@ -1005,10 +1004,12 @@ def fingerprint(obj: Any) -> tuple[tuple, Any]:
     return (), ()  # pyarrow objects are immutable
 
 
-def _pandas_copies_on_write() -> bool:
-    # Always in pandas 3; an option in 2.2 (read at each publication: a user
-    # may turn it on after importing us).
-    return int(pd.__version__.split(".")[0]) >= 3 or pd.options.mode.copy_on_write is True
+try:  # pandas 2.2: an option, read at each call (a user may turn it on after importing us)
+    from pandas._config import using_copy_on_write as _pandas_copies_on_write
+except ImportError:  # pandas >= 3: always
+
+    def _pandas_copies_on_write() -> bool:
+        return True
 
 
 def write_guard(obj: Any) -> Any:
@@ -1169,11 +1170,16 @@ def _frame_view(obj: pd.DataFrame) -> pd.DataFrame:
     return obj._constructor_from_mgr(new, new.axes).__finalize__(obj, method="copy")
 
 
-def task_view(obj: Any) -> Any:
+def task_view(obj: Any, own: Callable[[np.ndarray], np.ndarray] | None = None) -> Any:
     """A new, shallow object over the same data, so that whatever one task
     does to its object (add, drop or replace columns, rename an axis, set its
     freq, set ``attrs``) is never seen by another task in the same worker.
-    A frame from a frozen decode costs the same whatever its width."""
+    A frame from a frozen decode costs the same whatever its width.
+
+    Where pandas writes in place (``writes_in_place``), a frame's or
+    Series' arrays are ``own(arr)`` instead: memory of the task's own."""
+    if own is not None and writes_in_place(type(obj)):
+        return _owned_view(obj, own)
     if isinstance(obj, pd.DataFrame):
         return _frame_view(obj)
     if isinstance(obj, pd.Series):
@@ -1192,3 +1198,51 @@ def task_view(obj: Any) -> Any:
     if isinstance(obj, _load_polars()):
         return _polars_codec.task_view(obj)
     return obj  # pyarrow objects are immutable
+
+
+# -- a task's own arrays, where pandas writes in place --------------------------
+#
+# pandas without Copy-on-Write (2.2 with the option off) writes into a block's
+# arrays in place, whoever else uses them: over the cache's arrays, a task's
+# ``df.loc[0, "a"] = 1`` would meet read-only memory where a stdlib task
+# writes, and a write into a writable array would reach the next task. So
+# there a task's frame or Series is rebuilt over arrays of its own, block by
+# block -- ``own(arr)``, from the worker cache: the same bytes in a private
+# mapping of the segment, or a copy (object arrays, which live in the
+# process) -- and extension arrays around them are new objects (pandas
+# replaces an Arrow array's data, or clears a DatetimeArray's freq, on the
+# array object itself). Per task: a Block and an array view per block, no
+# bytes copied but object columns' pointers.
+
+
+def writes_in_place(cls: type) -> bool:
+    """Whether pandas writes into the arrays of a ``cls`` object in place,
+    whoever else uses them: a frame or Series under pandas without
+    Copy-on-Write."""
+    return issubclass(cls, (pd.DataFrame, pd.Series)) and not _pandas_copies_on_write()
+
+
+_REBUILT_AROUND_ARRAYS = {_reduce_ndarray_backed, _reduce_masked, _reduce_arrow_backed}
+
+
+def _owned_values(values: Any, own: Callable[[np.ndarray], np.ndarray]) -> Any:
+    if isinstance(values, np.ndarray):
+        return own(values)
+    handler = _handler_for(type(values))
+    if handler not in _REBUILT_AROUND_ARRAYS:
+        # Interval, Sparse, another library's array: insides we do not
+        # rebuild. A copy of its own, as the stdlib's task has.
+        return values.copy()
+    rebuild, args = handler(values, None)
+    return rebuild(*(own(arg) if isinstance(arg, np.ndarray) else arg for arg in args))
+
+
+def _owned_view(obj: pd.DataFrame | pd.Series, own: Callable[[np.ndarray], np.ndarray]) -> pd.DataFrame | pd.Series:
+    mgr = obj._mgr
+    blocks = tuple(blk.make_block_same_class(_owned_values(blk.values, own)) for blk in mgr.blocks)
+    axes = [_axis_view(axis) for axis in mgr.axes]
+    if isinstance(obj, pd.DataFrame):
+        new = BlockManager(blocks, axes, verify_integrity=False)
+    else:
+        new = SingleBlockManager(blocks[0], axes[0], verify_integrity=False)
+    return obj._constructor_from_mgr(new, new.axes).__finalize__(obj, method="copy")

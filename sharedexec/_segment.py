@@ -804,6 +804,32 @@ def _private_copy(fd: int, size: int) -> mmap.mmap:
     return private
 
 
+def private_view(mapping: Mapping) -> memoryview | None:
+    """A writable view of ``mapping``'s bytes that is the caller's alone: a
+    private (copy-on-write) mapping of the same segment -- one ``mmap``,
+    whatever the segment's size; a write copies the pages it touches, seen
+    by nobody else, and goes with the view. None where there is none: the
+    segment is gone (unlinked by its owner meanwhile), or its store cannot
+    map privately (XNU's shm objects, ``_store``): the caller copies instead.
+    Opened again by name, as ``attach`` opens it, without a hold: the
+    process's mapping of ``mapping`` holds it."""
+    try:
+        store = current_store()
+        if not store.private_maps:
+            return None
+        fd, st = _open_own(store, mapping.name, os.O_RDONLY)
+    except OSError:  # gone, or not ours any more
+        return None
+    try:
+        if st.st_size < mapping.size:  # not the segment mapped (a shorter file would SIGBUS)
+            return None
+        return memoryview(mmap.mmap(fd, mapping.size, access=mmap.ACCESS_COPY))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def creator_of(name: str, directory: str | None = None) -> int | None:
     """The pid that created a segment of ours, from its header (None if it
     is not ours or unreadable)."""

@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import decimal
 import importlib.util
+import mmap
 import os
 import pickle
 import threading
@@ -39,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pandas.core.arrays.masked import BaseMaskedArray
 
-from sharedexec import _codec, _publication, _segment
+from sharedexec import _cache, _codec, _publication, _segment
 
 from . import _exact as exact
 from ._exact_tasks import MetaFrame
@@ -81,10 +82,20 @@ def roundtrip(obj: Any) -> tuple[Any, _segment.Mapping]:
         return decode(name)
 
 
-def cached_roundtrip(obj: Any) -> Any:
+def cached_decode(obj: Any) -> tuple[Any, _segment.Mapping]:
     """``obj`` decoded as the worker cache decodes what every task is handed."""
     with published(obj) as name, _codec.frozen_decode():
-        return decode(name)[0]
+        return decode(name)
+
+
+def cached_roundtrip(obj: Any) -> Any:
+    return cached_decode(obj)[0]
+
+
+def task_view(obj: Any, mapping: _segment.Mapping) -> Any:
+    """What the worker cache hands a task (``WorkerCache._for_task``): its
+    own view of ``obj``, over memory of its own where pandas writes in place."""
+    return _codec.task_view(obj, _cache.TaskMemory([mapping]).own)
 
 
 # -- exact equality -------------------------------------------------------------
@@ -700,23 +711,18 @@ ALIASED_CASES = {
 }
 
 
-# Known gap, found by the compat run at the end of the issue 12-17 work: the
-# task's own block manager over the cached blocks (issue 15), the fingerprint's
-# one-pass check and the unaliasing of writable decodes rely on pandas'
-# Copy-on-Write. On pandas 2.2 without it these tests fail (a task's write can
-# raise "read-only" or, for a whole object column, reach the cached frame).
-needs_cow = pytest.mark.skipif(
-    not _codec._pandas_copies_on_write(),
-    reason="known gap on pandas without Copy-on-Write: task views and write detection rely on it (see docs/semantics.md)",
-)
+def _memories(obj: Any) -> set[int]:
+    arrays = _plain_arrays(obj) if isinstance(obj, pd.DataFrame) else list(obj[:3])
+    return {a.ctypes.data for a in arrays}
 
 
-@needs_cow
 @pytest.mark.parametrize("build", ALIASED_CASES.values(), ids=ALIASED_CASES.keys())
 def test_objects_over_one_memory_are_written_independently(build):
     """Issue 12 review, findings 1-2: distinct objects over one memory (stored
     once) decode, from a writable mapping (``mmap_mode="c"``, a result), over
-    memory of their own, as pickle's are; from a read-only one they share it."""
+    memory of their own, as pickle's are; from a read-only one they share it
+    as the original does (pandas without Copy-on-Write copies on ``df["b"] =
+    df["a"]`` and ``assign``: two memories there)."""
     obj = build()
     with published(obj) as name:
         got, _ = decode(name, copy_on_write=True)
@@ -727,8 +733,7 @@ def test_objects_over_one_memory_are_written_independently(build):
             got[0][0] = -1.0
             assert got[1][0] == 0.0 and got[2][0, 0] == 0.0
         shared, _ = decode(name)
-        arrays = _plain_arrays(shared) if isinstance(shared, pd.DataFrame) else list(shared[:3])
-        assert len({a.ctypes.data for a in arrays}) == 1
+        assert len(_memories(shared)) == len(_memories(obj))
 
 
 # -- writes -------------------------------------------------------------------
@@ -856,28 +861,44 @@ TASK_CHANGES = {
 
 
 # Tasks written before pandas 3.1 use inplace=True: the view must take it too.
-@needs_cow
 @pytest.mark.filterwarnings("ignore:The inplace keyword")
 @pytest.mark.parametrize("change", TASK_CHANGES.values(), ids=TASK_CHANGES.keys())
 @pytest.mark.parametrize("frozen", [True, False], ids=["cached", "decoded"])
 def test_task_view_changes_never_reach_the_cached_frame(change: Callable[[Any], None], frozen: bool):
     original = _task_frame()
-    cached = cached_roundtrip(original) if frozen else roundtrip(original)[0]
-    change(_codec.task_view(cached))
+    cached, mapping = cached_decode(original) if frozen else roundtrip(original)
+    change(task_view(cached, mapping))
     exact.assert_identical(cached, original, mmap_mode="r")  # blocks and their placement too
     assert_identical(cached, original)
-    assert_identical(_codec.task_view(cached), original)  # and the next task sees it whole
+    assert_identical(task_view(cached, mapping), original)  # and the next task sees it whole
 
 
-@needs_cow
-def test_task_view_of_a_cached_frame_costs_no_work_per_block():
+def _mapped_by(arr: np.ndarray) -> Any:
+    """The object at the root of ``arr``'s memory (an mmap for a segment's)."""
+    while isinstance(arr, np.ndarray):
+        arr = arr.base
+    return arr.obj if isinstance(arr, memoryview) else arr
+
+
+def test_task_view_of_a_cached_frame_copies_no_bytes():
     """Issue 15: a task's frame used to be ``copy(deep=False)``, a Block
-    object (and an array view) per block: 5 ms per task for 2 500 blocks."""
-    cached = cached_roundtrip(_task_frame())
-    view = _codec.task_view(cached)
+    object (and an array view) per block: 5 ms per task for 2 500 blocks.
+    Under pandas 3 it shares the cache's Block objects. Where pandas writes
+    in place (2.2 without Copy-on-Write) its blocks are its own, over a
+    private mapping of the segment (one per task), not a copy of the bytes;
+    only object columns' pointers are copied."""
+    cached, mapping = cached_decode(_task_frame())
+    view = task_view(cached, mapping)
     assert len(view._mgr.blocks) == len(cached._mgr.blocks) > 5
-    assert all(mine is theirs for mine, theirs in zip(view._mgr.blocks, cached._mgr.blocks))
     assert view._mgr is not cached._mgr and view.index is not cached.index
+    if _codec._FAST_VIEWS:
+        assert all(mine is theirs for mine, theirs in zip(view._mgr.blocks, cached._mgr.blocks))
+    if not _codec.writes_in_place(pd.DataFrame):
+        return
+    shared = _mapped_by(_arrays_of(cached)[0])
+    private = {_mapped_by(arr) for arr in _arrays_of(view) if arr.dtype != object}
+    assert len(private) == 1 and isinstance(*private, mmap.mmap) and shared not in private
+    assert all(arr.flags.writeable for arr in _arrays_of(view))
 
 
 @pytest.mark.skipif(not PANDAS_3, reason="extension arrays have no read-only flag before pandas 3")
@@ -958,8 +979,18 @@ def _write_referenced(frame: pd.DataFrame, column: str, row: Any = slice(None)) 
     frame.loc[frame.index[row], column] = frame[column].iloc[1]
 
 
-@needs_cow
-@pytest.mark.parametrize("change", FRAME_CHANGES.values(), ids=FRAME_CHANGES.keys())
+# pandas without Copy-on-Write writes a referenced column in place: nothing
+# tells the publisher (the snapshot rule, docs/semantics.md).
+_SNAPSHOT_RULE = pytest.mark.skipif(
+    not _codec._pandas_copies_on_write(), reason="pandas without Copy-on-Write: in-place writes keep the snapshot"
+)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [pytest.param(c, marks=_SNAPSHOT_RULE if k.endswith("-referenced") else ()) for k, c in FRAME_CHANGES.items()],
+    ids=FRAME_CHANGES.keys(),
+)
 def test_fingerprint_sees_in_place_changes_of_a_frame(change: Callable[[Any], None]):
     frame = _with(GeoLikeFrame(_task_frame()), attrs={"nested": {"a": [1, 2]}}, crs="EPSG:4326")
     before = _codec.fingerprint(frame)
