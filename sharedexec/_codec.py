@@ -719,6 +719,8 @@ def _rebuild_series(cls, values, index, name, attrs, allows_duplicate_labels, me
     if isinstance(values, list):  # Arrow strings (one column)
         values = values[0]
     mgr = SingleBlockManager.from_array(values, index)
+    if getattr(_decoding, "frozen", None) is not None:
+        _freeze_blocks(mgr)
     series = cls._from_mgr(mgr, mgr.axes)
     series.name = name
     return _restore_frame_state(series, attrs, allows_duplicate_labels, metadata)
@@ -1101,17 +1103,18 @@ _FAST_VIEWS = hasattr(pd.api.extensions.ExtensionArray, "_readonly")  # pandas >
 _frozen_managers: weakref.WeakValueDictionary[int, BlockManager] = weakref.WeakValueDictionary()
 
 
-def _freeze_blocks(mgr: BlockManager) -> None:
-    """Make ``mgr``'s blocks safe to share by every task of a worker (a
-    frozen decode, for the cache)."""
-    if not _FAST_VIEWS:
-        return
+def _freeze_blocks(mgr: BlockManager | SingleBlockManager) -> None:
+    """Make ``mgr``'s blocks safe to share by every task of a worker, or to
+    hand one task over read-only memory (a frozen decode: the cache's, or
+    a task's own decode of an object with mutable values): under
+    Copy-on-Write, a write copies the block first."""
     for blk in mgr.blocks:
         blk.refs.add_index_reference(_SHARED_ELSEWHERE)
-        if isinstance(blk.values, pd.api.extensions.ExtensionArray):
+        if _FAST_VIEWS and isinstance(blk.values, pd.api.extensions.ExtensionArray):
             blk.values._readonly = True
-    mgr.blknos  # noqa: B018 - computed once here, copied per task
-    _frozen_managers[id(mgr)] = mgr
+    if _FAST_VIEWS and isinstance(mgr, BlockManager):
+        mgr.blknos  # noqa: B018 - computed once here, copied per task
+        _frozen_managers[id(mgr)] = mgr
 
 
 def reduce_writable(obj: Any):

@@ -279,6 +279,8 @@ class _Walk:
             _fail(path, "length", len(got), len(expected))
         # The arrays behind it, by the names pandas gives them.
         parts = ("_ndarray", "_data", "_mask", "_pa_array", "_left", "_right", "sp_values")
+        if hasattr(expected, "_pa_array"):  # (pandas 2.2's Arrow arrays call it _data too, deprecated)
+            parts = ("_pa_array",)
         found = [p for p in parts if hasattr(expected, p)]
         for part in found:
             self.same(getattr(got, part), getattr(expected, part), f"{path}.{part}")

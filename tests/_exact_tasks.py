@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import traceback
+import warnings
 from typing import Any
 
 import numpy as np
@@ -53,18 +54,23 @@ class Scribble:
         return "<written by a task>"
 
 
-def check(obj: Any, expected_pickle: bytes, mmap_mode: str) -> tuple[int, str | None]:
+def check(obj: Any, expected_pickle: bytes, mmap_mode: str, write: str | None = None) -> tuple[int, str | None]:
     """Compare ``obj`` with what the stdlib's pickling sent (``expected_pickle``,
-    unpickled here, in the same worker), then write into ``obj``. Returns the
+    unpickled here, in the same worker), then write into ``obj``: everywhere
+    (``scribble``), or the one way named ``write`` (``WRITES``), into the
+    stdlib's object too, and compare what each write did. Returns the
     worker's pid and the difference, if any."""
     expected = pickle.loads(expected_pickle)
     try:
         assert_identical(obj, expected, mmap_mode=mmap_mode)
+        if write is not None:
+            assert_identical(written(obj, write), written(expected, write), mmap_mode=mmap_mode)
     except AssertionError as exc:
         return os.getpid(), str(exc)
     except Exception:
         return os.getpid(), traceback.format_exc()
-    scribble(obj)
+    if write is None:
+        scribble(obj)
     return os.getpid(), None
 
 
@@ -82,6 +88,54 @@ def serve(requests: Any, replies: Any) -> None:
 
 
 # -- writes --------------------------------------------------------------------
+
+
+def _last(obj: Any) -> Any:
+    return obj.iloc[-1] if isinstance(obj, pd.Series) else obj.iloc[-1, 0]
+
+
+def _setitem(target: Any, key: Any, value: Any) -> None:
+    target[key] = value
+
+
+#: The ways a task writes into a frame or Series it received, by name: each
+#: takes the object. pandas-level first; then those that go around pandas
+#: (into ``.values`` or ``.array``), which pandas 3's Copy-on-Write does not
+#: see: under ``mmap_mode="r"`` they meet read-only memory by design there
+#: (docs/semantics.md), so they are compared where pandas writes in place
+#: and under ``"c"``.
+WRITES = {
+    "iloc-cell": lambda o: _setitem(o.iloc, (0, 0) if o.ndim == 2 else 0, _last(o)),
+    "iloc-row": lambda o: _setitem(o.iloc, 0, o.iloc[-1]),
+    "iloc-column": lambda o: _setitem(o.iloc, (slice(None), 0) if o.ndim == 2 else slice(None), o.iloc[::-1].iloc[:, 0].array if o.ndim == 2 else o.iloc[::-1].array),
+    "loc-first-label": lambda o: _setitem(o.loc, (o.index[0], o.columns[0]) if o.ndim == 2 else o.index[0], _last(o)),
+    "chained-series": lambda o: _setitem((o.iloc[:, 0] if o.ndim == 2 else o).iloc, 0, _last(o)),
+    "ffill-inplace": lambda o: o.ffill(inplace=True),
+    "bfill-inplace": lambda o: o.bfill(inplace=True),
+    "replace-inplace": lambda o: o.replace(_last(o), o.iloc[0] if o.ndim == 1 else o.iloc[0, 0], inplace=True),
+    "add-column-then-write": lambda o: (_setitem(o, "added", 1), _setitem(o.iloc, (0, -1) if o.ndim == 2 else 0, 2)),
+    "values": lambda o: _setitem(o.values, (0, 0) if o.ndim == 2 else 0, o.values[-1, 0] if o.ndim == 2 else o.values[-1]),
+    "array": lambda o: _setitem((o.iloc[:, 0] if o.ndim == 2 else o).array, 0, _last(o)),
+}
+AROUND_PANDAS = ("values", "array")
+
+
+def written(obj: Any, write: str) -> tuple[Any, Any, list]:
+    """What writing ``obj`` the way named ``write`` does: ``obj`` after it,
+    the error it raised (type and message) and the warnings it gave."""
+    error = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            WRITES[write](obj)
+        except Exception as exc:  # an error is part of what it does: the stdlib's task has it too
+            error = (type(exc).__name__, str(exc))
+    if isinstance(obj, pd.DataFrame):
+        # Under Copy-on-Write pandas copies a written column out of a block
+        # that another object references (a task's frame's are), where the
+        # stdlib's task writes into the block: same columns, other blocks.
+        obj._consolidate_inplace()
+    return obj, error, [(w.category.__name__, str(w.message)) for w in caught]
 
 
 def scribble(obj: Any) -> None:

@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pandas.core.arrays.masked import BaseMaskedArray
 
-from sharedexec import _cache, _codec, _publication, _segment
+from sharedexec import _cache, _codec, _names, _publication, _segment
 
 from . import _exact as exact
 from ._exact_tasks import MetaFrame
@@ -871,6 +871,41 @@ def test_task_view_changes_never_reach_the_cached_frame(change: Callable[[Any], 
     exact.assert_identical(cached, original, mmap_mode="r")  # blocks and their placement too
     assert_identical(cached, original)
     assert_identical(task_view(cached, mapping), original)  # and the next task sees it whole
+
+
+@contextlib.contextmanager
+def worker_cache(obj: Any):
+    """A worker's cache of ``obj``: each call of what it yields is what the
+    worker's next task is handed (``WorkerCache.resolve``)."""
+    with published(obj) as name:
+        cache = _cache.WorkerCache()
+        cache._start_sweeper = lambda: None  # (no thread for a cache that lives for one test)
+        yield lambda: cache.resolve(_cache.Handle(name, "r", "", -1, 0, _names.HOST, _segment.process_key()))
+
+
+# Objects holding values that cannot be made read-only are decoded for each
+# task (_codec.FrozenDecode.private).
+MUTABLE_HOLDERS = {
+    "series-list-in-cell": lambda: pd.Series(_objects([[1], 0.0, 2.0, None])),
+    "series-list-in-metadata": lambda: _with(GeoLikeSeries(np.arange(4.0)), crs=["EPSG", 4326]),
+    "frame-list-in-metadata": lambda: _with(GeoLikeFrame({"a": np.arange(4.0), "s": list("abcd")}), crs=["EPSG", 4326]),
+}
+
+
+@pytest.mark.parametrize("build", MUTABLE_HOLDERS.values(), ids=MUTABLE_HOLDERS.keys())
+def test_a_task_writes_into_an_object_decoded_for_it(build):
+    """A Series decoded for one task refused ``s.iloc[0] = v`` ("assignment
+    destination is read-only", where a stdlib task writes) on pandas 3, and
+    frames and Series on pandas 2.2 without Copy-on-Write: found by the
+    differential test of task writes (test_exactness)."""
+    original = build()
+    with worker_cache(original) as next_task:
+        for _ in range(2):
+            task = next_task()
+            assert_identical(task, original)
+            cell = (1, 0) if task.ndim == 2 else 1
+            task.iloc[cell] = 5.0
+            assert task.iloc[cell] == 5.0
 
 
 def _mapped_by(arr: np.ndarray) -> Any:

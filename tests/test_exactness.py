@@ -58,6 +58,7 @@ from hypothesis.extra import numpy as npst
 from joblib.externals.loky.backend import reduction as loky_reduction
 
 import sharedexec
+from sharedexec import _codec
 
 from . import _exact_tasks as tasks
 from ._exact import assert_identical
@@ -445,8 +446,10 @@ def _loky_bytes(obj: Any) -> bytes:
 
 
 class EntryPoint:
-    """One warm pool of one entry point: ``run(objs)`` sends each object to a
-    worker twice (or more) and returns every task's (pid, difference)."""
+    """One warm pool of one entry point: ``run(objs, write)`` sends each
+    object to a worker twice (or more), the task writing into it everywhere
+    or the one way named ``write`` (``tasks.WRITES``), and returns every
+    task's (pid, difference)."""
 
     functions = False
     mmap_mode = "r"
@@ -461,8 +464,10 @@ class Executor(EntryPoint):
         self.pool = sharedexec.ProcessPoolExecutor(1, mp_context=context, min_bytes=0, mmap_mode=mmap_mode)
         self.mmap_mode = mmap_mode
 
-    def run(self, objs: list) -> list:
-        futures = [self.pool.submit(tasks.check, obj, _stdlib_bytes(obj), self.mmap_mode) for obj in objs for _ in range(2)]
+    def run(self, objs: list, write: str | None = None) -> list:
+        futures = [
+            self.pool.submit(tasks.check, obj, _stdlib_bytes(obj), self.mmap_mode, write) for obj in objs for _ in range(2)
+        ]
         return [f.result() for f in futures]
 
     def close(self) -> None:
@@ -496,9 +501,9 @@ class Joblib(EntryPoint):
     def __init__(self, context: Any, mmap_mode: str) -> None:
         self.backend = sharedexec.JoblibBackend(min_bytes=0)
 
-    def run(self, objs: list) -> list:
+    def run(self, objs: list, write: str | None = None) -> list:
         # Three tasks on two workers: one worker meets the object twice.
-        calls = (joblib.delayed(tasks.check)(obj, _loky_bytes(obj), "r") for obj in objs for _ in range(3))
+        calls = (joblib.delayed(tasks.check)(obj, _loky_bytes(obj), "r", write) for obj in objs for _ in range(3))
         return joblib.Parallel(n_jobs=2, backend=self.backend, batch_size=1)(calls)
 
     def close(self) -> None:
@@ -509,8 +514,8 @@ class DecoratedPool(EntryPoint):
     def __init__(self, context: Any, mmap_mode: str) -> None:
         self.pool = context.Pool(1)
 
-    def run(self, objs: list) -> list:
-        args = [(obj, _stdlib_bytes(obj), "r") for obj in objs for _ in range(2)]
+    def run(self, objs: list, write: str | None = None) -> list:
+        args = [(obj, _stdlib_bytes(obj), "r", write) for obj in objs for _ in range(2)]
         return self.pool.map(tasks.shared_check, args, chunksize=1)
 
     def close(self) -> None:
@@ -524,11 +529,11 @@ class SharedProcess(EntryPoint):
         self.process = context.Process(target=tasks.serve, args=(self.requests, self.replies))
         self.process.start()
 
-    def run(self, objs: list) -> list:
+    def run(self, objs: list, write: str | None = None) -> list:
         shared = [sharedexec.share(obj) for obj in objs]  # alive until the replies are in
         for obj, original in zip(shared, objs):
             for _ in range(2):
-                self.requests.put((obj, _stdlib_bytes(original), "r"))
+                self.requests.put((obj, _stdlib_bytes(original), "r", write))
         return [self.replies.get(timeout=120) for _ in range(2 * len(objs))]
 
     def close(self) -> None:
@@ -562,14 +567,43 @@ def entry_point(request):
     entry.close()
 
 
-@given(data=st.data())
-def test_every_entry_point_delivers_what_the_stdlib_does(entry_point, data):
-    objs = data.draw(st.lists(objects(entry_point.functions, entry_point.polars), min_size=1, max_size=6), label="objects")
-    results = entry_point.run(objs)
+def _failures(objs: list, results: list) -> list[str]:
     per_object = len(results) // len(objs)
-    failures = [
+    return [
         f"object {i // per_object} ({type(objs[i // per_object]).__name__}), task {i % per_object}: {error}"
         for i, (_, error) in enumerate(results)
         if error
     ]
+
+
+@given(data=st.data())
+def test_every_entry_point_delivers_what_the_stdlib_does(entry_point, data):
+    objs = data.draw(st.lists(objects(entry_point.functions, entry_point.polars), min_size=1, max_size=6), label="objects")
+    failures = _failures(objs, entry_point.run(objs))
     assert not failures, "\n".join(failures)
+
+
+# The pools a task's writes into its frame go through: the worker cache
+# ("r") under every start method, the private mapping of each task ("c"),
+# a share()d frame in a Process, and joblib.
+WRITE_POOLS = [("executor-r", m) for m in START_METHODS] + [("executor-c", "fork"), ("share-process", "fork"), ("joblib", "fork")]
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("entry_point", WRITE_POOLS, indirect=True, ids="-".join)
+@given(data=st.data())
+def test_a_task_writes_into_its_own_frame_as_a_stdlib_task_does(entry_point, data):
+    """A task writes into the frame or Series it received one of the ways
+    tasks do (``tasks.WRITES``): the write does what it does to the stdlib's
+    object (values, error, warnings), and the next task on the same worker,
+    and the caller, see the original. pandas 2.2 without Copy-on-Write (the
+    compat run) writes in place: each task's frame is over memory of its own
+    (``_cache.TaskMemory``)."""
+    objs = data.draw(st.lists(st.one_of(frames(), series()), min_size=1, max_size=3))
+    around_pandas = entry_point.mmap_mode == "c" or _codec.writes_in_place(pd.DataFrame)
+    write = data.draw(st.sampled_from([w for w in tasks.WRITES if around_pandas or w not in tasks.AROUND_PANDAS]))
+    before = [_stdlib_bytes(obj) for obj in objs]
+    failures = _failures(objs, entry_point.run(objs, write))
+    assert not failures, "\n".join(failures)
+    for obj, sent in zip(objs, before):  # (pickled both: pickling makes a strided block contiguous)
+        assert_identical(ForkingPickler.loads(_stdlib_bytes(obj)), ForkingPickler.loads(sent))

@@ -471,7 +471,7 @@ def test_back_to_back_tasks_sweep_the_worker_cache_once(monkeypatch):
             return 0  # live
 
     cache = _cache.WorkerCache(budget=1 << 40)
-    cache._entries.update({(str(k), "exact"): _cache._Entry(None, Mapping(), 0, False) for k in range(100)})
+    cache._entries.update({(str(k), "exact"): _cache._Entry(None, Mapping(), 0, False, object, []) for k in range(100)})
     monkeypatch.setattr(_cache, "CACHE", cache)
     monkeypatch.setattr(_worker, "_guard_patched", True)  # nothing else of enter_task
     for _ in range(10):
