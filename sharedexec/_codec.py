@@ -1110,11 +1110,13 @@ def _freeze_blocks(mgr: BlockManager | SingleBlockManager) -> None:
     Copy-on-Write, a write copies the block first."""
     for blk in mgr.blocks:
         blk.refs.add_index_reference(_SHARED_ELSEWHERE)
-        if _FAST_VIEWS and isinstance(blk.values, pd.api.extensions.ExtensionArray):
+    if not (_FAST_VIEWS and isinstance(mgr, BlockManager)):
+        return  # (a Series' task view has extension arrays of its own: Block.copy views them)
+    for blk in mgr.blocks:
+        if isinstance(blk.values, pd.api.extensions.ExtensionArray):
             blk.values._readonly = True
-    if _FAST_VIEWS and isinstance(mgr, BlockManager):
-        mgr.blknos  # noqa: B018 - computed once here, copied per task
-        _frozen_managers[id(mgr)] = mgr
+    mgr.blknos  # noqa: B018 - computed once here, copied per task
+    _frozen_managers[id(mgr)] = mgr
 
 
 def reduce_writable(obj: Any):
