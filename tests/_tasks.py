@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 import sharedexec
+from sharedexec import _codec
 
 # Generous: only reached if a test forgets to release a task, so that a
 # mistake fails that test instead of hanging the suite.
@@ -122,6 +123,12 @@ def numeric_blocks(frame: pd.DataFrame) -> list[np.ndarray]:
     """The numpy arrays holding ``frame``'s numeric columns."""
     arrays = [blk.values for blk in frame._mgr.blocks]
     return [a for a in arrays if isinstance(a, np.ndarray) and a.dtype.kind in "fiu"]
+
+
+#: Whether a frame's numeric columns are writable in a task under
+#: mmap_mode="r": where pandas writes in place (2.2 without Copy-on-Write),
+#: a task's frame is over a private mapping of the segment (docs: semantics).
+MAPPED_WRITABLE = _codec.writes_in_place(pd.DataFrame)
 
 
 def numeric_backing(frame: pd.DataFrame) -> dict[str, tuple[bool, bool]]:

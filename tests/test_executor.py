@@ -383,8 +383,9 @@ def test_frame_is_published_once_across_tasks_and_maps(mp_context, no_leaks):
     assert third == [(x * x, expected) for x in range(4)]
     assert after["publications"] - before["publications"] == 1
     assert after["reuse_hits"] - before["reuse_hits"] == 8 + 3 + 4 + 1 - 1
-    # The workers read the parent's segment, read-only; no pickled copy.
-    assert backing == {"a": (True, False), "b": (True, False), "i": (True, False)}
+    # The workers read the parent's segment, read-only (pandas without Copy-on-Write:
+    # a private mapping of it, writable); no pickled copy.
+    assert backing == dict.fromkeys("abi", (True, _tasks.MAPPED_WRITABLE))
 
 
 def test_small_frame_is_pickled_unless_min_bytes_allows(no_leaks):
@@ -395,7 +396,7 @@ def test_small_frame_is_pickled_unless_min_bytes_allows(no_leaks):
     assert pickled == {"a": (False, True), "b": (False, True), "i": (False, True)}
     assert sharedexec.stats()["publications"] == before
     with sharedexec.ProcessPoolExecutor(1, FORK, min_bytes=1000) as ex:
-        assert ex.submit(_tasks.backing_of, 0, df).result()["a"] == (True, False)
+        assert ex.submit(_tasks.backing_of, 0, df).result()["a"] == (True, _tasks.MAPPED_WRITABLE)
     assert sharedexec.stats()["publications"] == before + 1
 
 
