@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 import sharedexec
+from sharedexec import _codec
 
 from ._exact import assert_identical
 
@@ -130,10 +131,16 @@ def written(obj: Any, write: str) -> tuple[Any, Any, list]:
             WRITES[write](obj)
         except Exception as exc:  # an error is part of what it does: the stdlib's task has it too
             error = (type(exc).__name__, str(exc))
+    if error is not None and _codec._pandas_copies_on_write():
+        # Under Copy-on-Write an in-place operation that fails part-way
+        # (replace on a column it cannot take) leaves a frame whose blocks
+        # another object references (a task's frame's are) as it was, where
+        # the stdlib's task keeps the columns written before the error.
+        return None, error, [(w.category.__name__, str(w.message)) for w in caught]
     if isinstance(obj, pd.DataFrame):
         # Under Copy-on-Write pandas copies a written column out of a block
-        # that another object references (a task's frame's are), where the
-        # stdlib's task writes into the block: same columns, other blocks.
+        # that another object references, where the stdlib's task writes
+        # into the block: same columns, other blocks.
         obj._consolidate_inplace()
     return obj, error, [(w.category.__name__, str(w.message)) for w in caught]
 
