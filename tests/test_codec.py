@@ -82,14 +82,20 @@ def roundtrip(obj: Any) -> tuple[Any, _segment.Mapping]:
         return decode(name)
 
 
-def cached_decode(obj: Any) -> tuple[Any, _segment.Mapping]:
+def cached_roundtrip(obj: Any) -> Any:
     """``obj`` decoded as the worker cache decodes what every task is handed."""
     with published(obj) as name, _codec.frozen_decode():
-        return decode(name)
+        return decode(name)[0]
 
 
-def cached_roundtrip(obj: Any) -> Any:
-    return cached_decode(obj)[0]
+@contextlib.contextmanager
+def in_worker(obj: Any, frozen: bool = True):
+    """``obj`` decoded (as the worker cache does if ``frozen``) and its
+    mapping, while its segment exists (as it does while a task runs)."""
+    with published(obj) as name:
+        with _codec.frozen_decode() if frozen else contextlib.nullcontext():
+            got = decode(name)
+        yield got
 
 
 def task_view(obj: Any, mapping: _segment.Mapping) -> Any:
@@ -866,11 +872,11 @@ TASK_CHANGES = {
 @pytest.mark.parametrize("frozen", [True, False], ids=["cached", "decoded"])
 def test_task_view_changes_never_reach_the_cached_frame(change: Callable[[Any], None], frozen: bool):
     original = _task_frame()
-    cached, mapping = cached_decode(original) if frozen else roundtrip(original)
-    change(task_view(cached, mapping))
-    exact.assert_identical(cached, original, mmap_mode="r")  # blocks and their placement too
-    assert_identical(cached, original)
-    assert_identical(task_view(cached, mapping), original)  # and the next task sees it whole
+    with in_worker(original, frozen) as (cached, mapping):
+        change(task_view(cached, mapping))
+        exact.assert_identical(cached, original, mmap_mode="r")  # blocks and their placement too
+        assert_identical(cached, original)
+        assert_identical(task_view(cached, mapping), original)  # and the next task sees it whole
 
 
 @contextlib.contextmanager
@@ -915,6 +921,24 @@ def _mapped_by(arr: np.ndarray) -> Any:
     return arr.obj if isinstance(arr, memoryview) else arr
 
 
+@pytest.mark.parametrize("private", [True, False], ids=["private-mapping", "no-private-mapping"])
+def test_task_memory_is_the_tasks_own(monkeypatch, private: bool):
+    """``TaskMemory.own``: an array's bytes in a private mapping of its
+    segment or, where the store has none (XNU: macOS' shm objects), a copy;
+    writable, seen by no other task, and over memory of its own for every
+    array of one task, even two over the same bytes (as pickle gives them)."""
+    if not private:
+        monkeypatch.setattr(_segment, "private_view", lambda mapping: None)
+    with in_worker(pd.DataFrame({"a": np.arange(float(N)), "b": np.ones(N)})) as (cached, mapping):
+        arr = cached._mgr.blocks[0].values
+        memory = _cache.TaskMemory([mapping])
+        mine, again = memory.own(arr), memory.own(arr[1:])
+        assert mine.flags.writeable and isinstance(_mapped_by(mine), mmap.mmap) == private
+        assert not np.shares_memory(mine, again) and not np.shares_memory(mine, arr)
+        mine[...] = -1.0
+        exact.assert_identical(_cache.TaskMemory([mapping]).own(arr), arr.copy(order="K"))
+
+
 def test_task_view_of_a_cached_frame_copies_no_bytes():
     """Issue 15: a task's frame used to be ``copy(deep=False)``, a Block
     object (and an array view) per block: 5 ms per task for 2 500 blocks.
@@ -922,8 +946,8 @@ def test_task_view_of_a_cached_frame_copies_no_bytes():
     in place (2.2 without Copy-on-Write) its blocks are its own, over a
     private mapping of the segment (one per task), not a copy of the bytes;
     only object columns' pointers are copied."""
-    cached, mapping = cached_decode(_task_frame())
-    view = task_view(cached, mapping)
+    with in_worker(_task_frame()) as (cached, mapping):
+        view = task_view(cached, mapping)
     assert len(view._mgr.blocks) == len(cached._mgr.blocks) > 5
     assert view._mgr is not cached._mgr and view.index is not cached.index
     if _codec._FAST_VIEWS:
