@@ -100,8 +100,9 @@ class TaskMemory:
     is ``arr``'s bytes in a private mapping of its segment
     (``_segment.private_view``: one per segment and task, written pages
     copied), or a copy of them -- object arrays, which live in the process,
-    and arrays of a store that cannot map privately (macOS: then each task
-    copies its frame's bytes, as a stdlib task receives them)."""
+    and arrays of a store that cannot map privately (POSIX shared memory,
+    to XNU's rules: then each task copies its frame's bytes, as a stdlib
+    task receives them)."""
 
     def __init__(self, mappings: list[_segment.Mapping]) -> None:
         starts = [np.frombuffer(m.view, np.uint8).__array_interface__["data"][0] for m in mappings]
