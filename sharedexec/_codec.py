@@ -361,6 +361,18 @@ def _handler_for(cls: type) -> Callable | None:
     return handler
 
 
+def _bytes_key(data: np.ndarray | pa.Buffer) -> tuple:
+    """What determines the bytes ``data`` holds: their address and size if
+    they are contiguous; else also the shape and strides of the uint8 view
+    (rows of block slices over the same memory with other row strides --
+    ``concat([df.iloc[:, 0:2], df.iloc[:, 0:4:2]], axis=1)`` -- start at the
+    same address with as many bytes and are other bytes)."""
+    if not isinstance(data, np.ndarray):
+        return data.address, data.size
+    key = data.__array_interface__["data"][0], data.nbytes
+    return key if data.flags.c_contiguous else (*key, data.shape, data.strides)
+
+
 class _Encoder(pickle.Pickler):
     """Numbers the buffers itself instead of pickle's ``buffer_callback``:
     pickle marks a buffer that was read-only when pickled (READONLY_BUFFER)
@@ -378,7 +390,7 @@ class _Encoder(pickle.Pickler):
         self.in_shared = in_shared or _nowhere
         self.copies = set() if copies is None else copies  # (address, nbytes) of copies made here
         self.buffers: list[pickle.PickleBuffer] = []
-        self._numbers: dict[tuple[int, int], int] = {}
+        self._numbers: dict[tuple, int] = {}  # by _bytes_key
         self.in_band: set[int] = set()  # ids of arrays numpy reduces itself
         self.not_strings: set[int] = set()  # ids of object arrays that are not all strings
 
@@ -389,13 +401,7 @@ class _Encoder(pickle.Pickler):
         pa.Buffer whenever an array is pickled; a dictionary shared by chunks;
         two views of one array) gets the same number: it is copied once and
         stays shared once decoded."""
-        if isinstance(data, np.ndarray):
-            key = (data.__array_interface__["data"][0], data.nbytes)
-            if not data.flags.c_contiguous:  # rows of a block slice: other bytes than a flat buffer there
-                key += (data.shape, data.strides)
-        else:
-            key = (data.address, data.size)
-        number = self._numbers.get(key)
+        number = self._numbers.get(key := _bytes_key(data))
         if number is None:
             number = self._numbers[key] = len(self.buffers)
             self.buffers.append(pickle.PickleBuffer(data))
@@ -999,8 +1005,12 @@ def fingerprint(obj: Any) -> tuple[tuple, Any]:
     if isinstance(obj, pd.Index):
         return (), _snapshot(_axis_state(obj))
     if isinstance(obj, np.ndarray):
-        # ndarray.resize() reallocates in place: the address says so.
-        return (), (obj.shape, obj.strides, obj.dtype.str, obj.dtype, obj.__array_interface__["data"][0])
+        # ndarray.resize() reallocates in place: the address says so. A
+        # structured dtype's fields are renamed in place (``dtype.names =``):
+        # the dtype object always equals itself, its descr (names, titles,
+        # nested fields) is a snapshot by value.
+        dtype = obj.dtype
+        return (), (obj.shape, obj.strides, dtype.str, dtype, dtype.names and dtype.descr, obj.__array_interface__["data"][0])
     if isinstance(obj, _load_polars()):
         return _polars_codec.fingerprint(obj)
     return (), ()  # pyarrow objects are immutable

@@ -62,6 +62,25 @@ def test_structural_change_republishes(registry, change):
     assert second is not first and registry.counters["publications"] == 2
 
 
+@pytest.mark.parametrize(
+    "rename",
+    [
+        lambda a: setattr(a.dtype, "names", ("lon", "lat")),
+        lambda a: setattr(a.dtype["lat"], "names", ("deg", "min")),  # a nested field's dtype
+    ],
+    ids=["fields", "nested-fields"],
+)
+def test_renaming_the_fields_of_a_structured_array_republishes(registry, rename):
+    """``dtype.names = ...`` changes the dtype object in place: the next task
+    gets the new names, as a stdlib worker does."""
+    arr = np.zeros(1000, dtype=[("x", "f8"), ("lat", [("d", "i4"), ("m", "i4")])])
+    first = registry.publish(arr)
+    rename(arr)
+    second = registry.publish(arr)
+    assert second is not first
+    assert _decoded(registry, second).dtype == pickle.loads(pickle.dumps(arr)).dtype
+
+
 @needs_copy_on_write
 @needs_copy_on_write
 def test_an_unchanged_frame_is_found_again_without_looking_at_its_blocks(registry, monkeypatch):

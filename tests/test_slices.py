@@ -197,6 +197,30 @@ def test_rows_of_a_block_are_not_mistaken_for_a_flat_buffer_at_the_same_address(
     exact.assert_identical(got, stdlib(piece), mmap_mode="r")
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    dtype=st.sampled_from(["float64", "int8", ">i4", "datetime64[ns]"]),
+    rows=st.integers(1, 50),
+    start=st.integers(0, 3),
+    width=st.integers(1, 3),
+    steps=st.lists(st.integers(1, 3), min_size=2, max_size=4),
+    row_slice=st.booleans(),
+)
+def test_blocks_over_the_same_memory_with_other_strides_arrive_exactly(
+    registry, dtype, rows, start, width, steps, row_slice
+):
+    """Blocks of one frame that are views of one block with other column
+    steps (``concat([df.iloc[:, 0:2], df.iloc[:, 0:4:2]], axis=1)``) start at
+    the same address with as many bytes, and hold other bytes: each arrives
+    with its own values, in the frame and in a row slice of it."""
+    values = np.frombuffer(np.random.default_rng(0).bytes(rows * 10 * np.dtype(dtype).itemsize), dtype=dtype)
+    base = pd.DataFrame(values.reshape(rows, 10))
+    frame = pd.concat([base.iloc[:, start : start + width * step : step] for step in steps], axis=1)
+    piece = frame.iloc[rows // 3 :] if row_slice else frame
+    _, got = copied(registry, piece)
+    exact.assert_identical(got, stdlib(piece), mmap_mode="r")
+
+
 @pytest.mark.parametrize("cut", COPIES.values(), ids=COPIES.keys())
 def test_head_and_tail_of_a_shared_frame_copy_their_own_bytes(registry, cut):
     piece = cut(registry.share(arrow_frame()))
