@@ -378,21 +378,27 @@ def write_result(obj: Any, owner_pid: int, cloudpickle_fallback: bool = False) -
     return mapping
 
 
-def remove_orphan_results(owner_pid: int, creators: set[int] | None = None) -> list[str]:
-    """Unlink results written for ``owner_pid`` by workers that died before
-    the result reached it (a worker killed mid-send: joblib kills busy
-    workers when a task fails; a terminated pool's). Call only when no result
-    of a dead worker (of ``creators``, if given) can still be on its way:
-    after an executor's shutdown, a batch's abort, a pool's termination."""
+def remove_orphan_results(owner_pid: int, creators: set[int], unfinished_only: bool = False) -> list[str]:
+    """Unlink results written for ``owner_pid`` by the dead processes among
+    ``creators`` (a worker killed mid-send: joblib kills busy workers when a
+    task fails; a terminated pool's). A pool removes its own workers'
+    results alone: another pool's may be in flight from a worker that has
+    already exited (max_tasks_per_child). Call only when no result of theirs
+    can still be claimed -- after the pool's end -- or with
+    ``unfinished_only``, where it removes only the results their writer died
+    filling, which no message can name."""
     removed = []
     # Only our own files are opened: another user's files named for our pid
     # cost an lstat each, not an open (a DoS amplifier otherwise).
-    for name in _segment.list_owned_by(owner_pid):
-        creator = _segment.creator_of(name)
+    for name in _segment.list_owned_by(owner_pid) if creators else ():
+        origin = _segment.creator_of(name)
+        if origin is None:
+            continue
+        creator, finished = origin
         if (
-            creator is not None
-            and creator != owner_pid
-            and (creators is None or creator in creators)
+            creator != owner_pid
+            and creator in creators
+            and not (unfinished_only and finished)
             and not _names.pid_alive(creator)
         ):
             _segment.retire(name)

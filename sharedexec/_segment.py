@@ -126,6 +126,7 @@ MAGIC = b"SHAREDX\0"
 VERSION = 2  # 2: the tag
 STATE_LIVE = 0
 STATE_RETIRED = 1
+STATE_WRITING = 2  # its creator has not finished filling it (see create)
 
 # magic, version, flags, state, total size, layout offset, layout size,
 # creator pid, owner pid, tag
@@ -414,19 +415,23 @@ def create(
             os.fchmod(fd, 0o600)  # whatever the umask: attach requires exactly 0600
         except OSError:  # a shm object where fchmod is not supported: shm_open's mode stands
             pass
+        # The header first -- before the size, where the store takes pwrite:
+        # whoever finds the segment half-filled (its creator killed
+        # meanwhile: a worker writing a result) can tell who made it and that
+        # it was never finished, see creator_of().
+        header = bytearray(HEADER.pack(
+            MAGIC, VERSION, 0, STATE_WRITING, size, layout_offset, len(layout), os.getpid(), owner_pid, b""
+        ))
+        header[TAG_OFFSET:] = tag(key, name, header, layout)
+        if store.writable:
+            _write_all(fd, memoryview(header), 0, size, store)
         try:
             os.ftruncate(fd, size)  # once: XNU refuses a second ftruncate of a shm object (see _store)
         except OSError as exc:
             raise _full_error(size, store) if exc.errno in _FULL else exc from None
         view = memoryview(mmap.mmap(fd, size))
-        # The header first: whoever finds the segment half-filled (its
-        # creator killed meanwhile) can tell who made it, see creator_of().
-        _fill(fd, view, [(0, memoryview(bytes(ALIGN)))], store)
-        header = bytearray(HEADER.pack(
-            MAGIC, VERSION, 0, STATE_LIVE, size, layout_offset, len(layout), os.getpid(), owner_pid, b""
-        ))
-        header[TAG_OFFSET:] = tag(key, name, header, layout)
-        view[:ALIGN] = header
+        if not store.writable:
+            _fill(fd, view, [(0, memoryview(header))], store)
         placed = [*zip(offsets, buffers), (layout_offset, memoryview(layout))]
         if copied is None or not store.private_maps:
             _fill(fd, view, placed, store)
@@ -439,6 +444,9 @@ def create(
                     copied(i, private[offsets[i] : offsets[i] + sizes[i]])
 
             _fill(fd, view, placed, store, done)
+        # Finished: a segment still marked writing after its creator died
+        # (a worker SIGKILLed mid-result) is one nobody can ever be sent.
+        struct.pack_into("<I", view, STATE_OFFSET, STATE_LIVE)
     except BaseException:
         _unlink(store, name)
         raise
@@ -830,9 +838,9 @@ def private_view(mapping: Mapping) -> memoryview | None:
         os.close(fd)
 
 
-def creator_of(name: str, directory: str | None = None) -> int | None:
-    """The pid that created a segment of ours, from its header (None if it
-    is not ours or unreadable)."""
+def creator_of(name: str, directory: str | None = None) -> tuple[int, bool] | None:
+    """The pid that created a segment of ours and whether it finished
+    writing it, from its header (None if it is not ours or unreadable)."""
     try:
         fd, st = _open_own(current_store(directory), name, os.O_RDONLY, strict=False)
     except OSError:
@@ -847,7 +855,10 @@ def creator_of(name: str, directory: str | None = None) -> int | None:
         return None
     finally:
         os.close(fd)
-    return HEADER.unpack(header)[7] if len(header) == HEADER.size and header[:8] == MAGIC else None
+    if len(header) != HEADER.size or header[:8] != MAGIC:
+        return None
+    fields = HEADER.unpack(header)
+    return fields[7], fields[3] != STATE_WRITING
 
 
 def retire(name: str, directory: str | None = None) -> bool:

@@ -46,6 +46,7 @@ import os
 import pickle
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -277,6 +278,8 @@ def _end_pool_after(
     @functools.wraps(function)
     def terminate(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
+        # Before too: loky's termination forgets the workers it kills.
+        processes = list(workers(bound) or ())
         try:
             return function(*args, **kwargs)
         finally:
@@ -284,12 +287,63 @@ def _end_pool_after(
             # Results in flight when the pool went (``with Pool()`` left
             # while imap results were being sent): the result handler that
             # would have claimed them is gone with it.
-            pids = {process.pid for process in workers(bound) or ()}
-            if pids and _reaper.watching():
-                _cache.remove_orphan_results(os.getpid(), creators=pids)
+            remove_results_of([*processes, *(workers(bound) or ())])
 
     terminate.__sharedexec__ = True
     setattr(cls, name, classmethod(terminate) if isinstance(original, classmethod) else terminate)
+
+
+def remove_results_of(processes: Any, unfinished_only: bool = False) -> None:
+    """Remove the results written for us by those of a pool's worker
+    ``processes`` that have ended, and that nobody can claim any more: all
+    of them once the pool has ended, else (``unfinished_only``) those their
+    writer died filling. Never another pool's: their results may be in
+    flight from a worker that already exited (max_tasks_per_child)."""
+    if not _reaper.watching():
+        return  # no task of ours went out: no worker wrote a result for us
+    ended = set()
+    for process in processes:
+        if hasattr(process, "pid"):  # a ThreadPool's workers are threads
+            # Reaped here if need be: loky's kill leaves them unjoined, and a
+            # zombie's pid still answers.
+            process.join(_REAP_SECONDS)
+            if process.exitcode is not None:
+                ended.add(process.pid)
+    _cache.remove_orphan_results(os.getpid(), ended, unfinished_only)
+
+
+_REAP_SECONDS = 1.0  # a SIGKILLed worker is gone in milliseconds
+
+# The workers a Pool replaced (``_maintain_pool``), by its result queue: the
+# results they sent may wait there until the pool ends.
+_replaced: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _maintain_pool_watching(original: Callable) -> Callable:
+    """``Pool._maintain_pool``, which joins exited workers and replaces
+    them, removing the results each of them died writing (a worker SIGKILLed
+    by the OOM killer mid-result): Pool lives on, and nothing else would
+    remove them before it ends."""
+    if getattr(original, "__sharedexec__", False):
+        return original
+
+    @functools.wraps(original)
+    def maintain(ctx, Process, processes, pool, inqueue, outqueue, *args, **kwargs):
+        before = list(pool)
+        try:
+            return original(ctx, Process, processes, pool, inqueue, outqueue, *args, **kwargs)
+        finally:
+            gone = [worker for worker in before if worker not in pool and hasattr(worker, "pid")]
+            if gone:
+                _replaced.setdefault(outqueue, []).extend(gone)
+                remove_results_of(gone, unfinished_only=True)
+
+    maintain.__sharedexec__ = True
+    return maintain
+
+
+def _pool_workers(bound: inspect.BoundArguments) -> list:
+    return [*bound.arguments["pool"], *_replaced.pop(bound.arguments["outqueue"], ())]
 
 
 def _call_queue_feeder(bound: inspect.BoundArguments) -> Any:
@@ -313,10 +367,9 @@ def install_hooks() -> None:
         _installed = True
         # Messages pickled but never delivered (see _leases): a Pool's task
         # handler pickles its tasks, an executor's queue feeder its call items.
-        _end_pool_after(
-            multiprocessing.pool.Pool, "_terminate_pool", lambda b: b.arguments["task_handler"],
-            lambda b: [p for p in b.arguments["pool"] if hasattr(p, "pid")],  # a ThreadPool's are threads
-        )
+        _end_pool_after(multiprocessing.pool.Pool, "_terminate_pool", lambda b: b.arguments["task_handler"], _pool_workers)
+        maintain = multiprocessing.pool.Pool.__dict__["_maintain_pool"].__func__
+        multiprocessing.pool.Pool._maintain_pool = staticmethod(_maintain_pool_watching(maintain))
         for manager in (concurrent.futures.process._ExecutorManagerThread, loky_executor._ExecutorManagerThread):
             _end_pool_after(manager, "terminate_broken", _call_queue_feeder, _executor_workers)
         for cls in (ForkingPickler, loky_reduction.get_loky_pickler()):

@@ -10,11 +10,10 @@ ends the task's leases when its future completes, fails or is cancelled.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 from typing import Any, Callable
 
-from . import _cache, _leases, _registry, _worker
-from ._sharing import Options, SharedTask, install_hooks
+from . import _leases, _registry, _worker
+from ._sharing import Options, SharedTask, install_hooks, remove_results_of
 
 
 def _initialize_worker(initializer: Callable | None, initargs: tuple) -> None:
@@ -94,9 +93,10 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
     submit.__doc__ = concurrent.futures.ProcessPoolExecutor.submit.__doc__
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        workers = list((self._processes or {}).values())
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
-        if wait:  # every result has arrived: any other is a dead worker's
-            _cache.remove_orphan_results(os.getpid())
+        if wait:  # every result has arrived: any other of its workers' is unclaimable
+            remove_results_of(workers)
         _registry.REGISTRY.collect()
 
     shutdown.__doc__ = concurrent.futures.ProcessPoolExecutor.shutdown.__doc__

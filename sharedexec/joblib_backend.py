@@ -15,14 +15,13 @@ and ``TerminatedWorkerError`` are joblib's own.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from joblib import register_parallel_backend
 from joblib._parallel_backends import LokyBackend
 
-from . import _cache, _leases
-from ._sharing import Options, SharedTask, install_hooks
+from . import _leases
+from ._sharing import Options, SharedTask, install_hooks, remove_results_of
 
 
 class JoblibBackend(LokyBackend):
@@ -66,9 +65,11 @@ class JoblibBackend(LokyBackend):
 
     def abort_everything(self, ensure_ready: bool = True) -> None:
         """joblib's abort (it kills busy workers), then remove the results
-        those workers were sending."""
+        those workers were sending (its own workers': a result of another
+        pool's may be in flight)."""
+        workers = list((getattr(self._workers, "_processes", None) or {}).values())
         super().abort_everything(ensure_ready=ensure_ready)
-        _cache.remove_orphan_results(os.getpid())
+        remove_results_of(workers)
 
 
 register_parallel_backend("sharedexec", JoblibBackend)

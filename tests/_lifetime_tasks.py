@@ -134,3 +134,30 @@ def shared_len_adopting(df):
 
 def identity(obj):
     return obj
+
+
+@sharedexec.shared(min_bytes=1000)
+def shared_result_dying_mid_write(n: int):
+    return result_dying_mid_write(n)
+
+
+def result_dying_mid_write(n: int):
+    """A large result whose writer dies once its segment exists, half
+    written (a worker the OOM killer picks mid-result)."""
+    from sharedexec import _segment
+
+    def die(*args, **kwargs):
+        os._exit(9)
+
+    _segment._fill = die
+    return np.zeros(n)
+
+
+def send_a_result(owner: int, conn) -> None:
+    """A worker of some other pool: writes a large result for ``owner``,
+    sends its name and exits before ``owner`` claims it."""
+    from sharedexec import _cache
+
+    mapping = _cache.write_result(np.arange(200_000, dtype=np.float64), owner)
+    conn.send((mapping.name, mapping.key))
+    conn.close()

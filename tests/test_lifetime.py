@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 
 import sharedexec
-from sharedexec import _cache, _leases, _registry, _segment
+from sharedexec import _cache, _leases, _names, _registry, _segment
 
 from . import _lifetime_tasks as tasks
 from ._tasks import checksum, make_frame, touch, wait_until
@@ -228,6 +228,59 @@ def test_results_in_flight_when_the_pool_terminates():
         next(results)
         time.sleep(1.0)  # the workers write more results meanwhile
     wait_until(no_file_left, RETURN_SECONDS, uncontended=True)
+
+
+def test_pool_worker_killed_writing_a_result_leaves_nothing(mp_context):
+    """A Pool worker killed while it writes a large result: Pool replaces it
+    and lives on, and the half-written segment goes as the pool notices the
+    death -- not at the pool's end, nor at our exit."""
+    with mp_context.Pool(1) as pool:
+        victim = pool.apply(os.getpid)
+        before = set(owned_segments())
+        pool.apply_async(tasks.shared_result_dying_mid_write, (2_000_000,))
+        wait_until(lambda: not _names.pid_alive(victim))  # joined by the pool: replaced
+        assert pool.apply(os.getpid) != victim
+        wait_until(lambda: set(owned_segments()) <= before, RETURN_SECONDS)
+
+
+@pytest.mark.parametrize("api", ["executor", "joblib"])
+def test_executor_worker_killed_writing_a_result_leaves_nothing(mp_context, api):
+    """The same in an executor: the pool breaks, and the half-written
+    segment goes with it (loky forgot the workers it killed; a segment whose
+    header was not written yet could not tell who made it)."""
+    before = set(owned_segments())
+    if api == "executor":
+        with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=1000) as ex:
+            with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+                ex.submit(tasks.result_dying_mid_write, 2_000_000).result()
+    else:
+        from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+        with pytest.raises(TerminatedWorkerError):
+            with joblib.parallel_config(backend=sharedexec.JoblibBackend(min_bytes=1000), n_jobs=2):
+                joblib.Parallel()(joblib.delayed(tasks.result_dying_mid_write)(2_000_000) for _ in range(2))
+    wait_until(lambda: set(owned_segments()) <= before, RETURN_SECONDS)
+
+
+@pytest.mark.parametrize("end", ["executor shutdown", "joblib abort"])
+def test_a_pool_ending_leaves_other_pools_results(mp_context, end):
+    """A result sent by a worker of another pool, which exited at once
+    (max_tasks_per_child=1) before its pool claimed the result: ending this
+    pool must not remove it (it did: its creator is dead, and every result
+    of a dead creator was taken for an orphan), else that pool breaks."""
+    receiver, sender = mp_context.Pipe(duplex=False)
+    other = mp_context.Process(target=tasks.send_a_result, args=(os.getpid(), sender))
+    other.start()
+    name, key = receiver.recv()
+    other.join()
+    if end == "executor shutdown":
+        with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context) as ex:
+            assert ex.submit(tasks.shared_big_result, 3).result()[0] == 3
+    else:
+        with pytest.raises(ZeroDivisionError):
+            with joblib.parallel_config(backend="sharedexec", n_jobs=2):
+                joblib.Parallel()(joblib.delayed(divmod)(1, k) for k in (1, 0, 2, 3))
+    np.testing.assert_array_equal(_cache.claim_result(name, key), np.arange(200_000, dtype=np.float64))
 
 
 # -- the other lifetime defects ---------------------------------------------------

@@ -468,7 +468,7 @@ def test_sweeps_never_open_or_describe_other_users_files(tmp_path, monkeypatch):
     monkeypatch.setenv(_names.DIR_ENV, directory)
     from sharedexec import _cache
 
-    assert _cache.remove_orphan_results(pid) == []  # ours was created by us: not an orphan
+    assert _cache.remove_orphan_results(pid, {pid}) == []  # ours was created by us: not an orphan
     assert opened == [os.path.join(directory, ours)]
     assert _names.remove_owned_by(pid, directory) == [ours]
     assert _segment.retire(f"sx_{pid}_{0:016x}", directory) is False
@@ -540,7 +540,7 @@ def test_an_orphan_result_with_a_huge_creator_pid_is_removed(tmp_path, monkeypat
         f.write((2**32 - 1).to_bytes(4, "little"))
     from sharedexec import _cache
 
-    assert _cache.remove_orphan_results(os.getpid()) == [mapping.name]
+    assert _cache.remove_orphan_results(os.getpid(), {2**32 - 1}) == [mapping.name]
     assert os.listdir(tmp_path) == []
 
 
