@@ -304,9 +304,10 @@ def remove_results_of(processes: Any, unfinished_only: bool = False) -> None:
     ended = set()
     for process in processes:
         if hasattr(process, "pid"):  # a ThreadPool's workers are threads
-            # Reaped here if need be: loky's kill leaves them unjoined, and a
-            # zombie's pid still answers.
-            process.join(_REAP_SECONDS)
+            if process.exitcode is None:
+                # Reaped here: loky's kill leaves them unjoined, and a
+                # zombie's pid still answers.
+                process.join(_REAP_SECONDS)
             if process.exitcode is not None:
                 ended.add(process.pid)
     _cache.remove_orphan_results(os.getpid(), ended, unfinished_only)
