@@ -324,7 +324,7 @@ def test_released_publication_lets_go_of_its_mapping(mp_context):
     try:
         with sharedexec.ProcessPoolExecutor(1, mp_context=mp_context, min_bytes=1000) as ex:
             assert ex.submit(tasks.frame_checksum, df).result() == checksum(df)
-            names = set(owned_segments())
+            names = set(_registry.REGISTRY._by_name)
         assert names
         wait_until(no_file_left, RETURN_SECONDS)  # the collector released it
         wait_until(lambda: not names & set(tasks.mapped_segments(os.getpid())), RETURN_SECONDS)
