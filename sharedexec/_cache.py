@@ -378,7 +378,9 @@ def write_result(obj: Any, owner_pid: int, cloudpickle_fallback: bool = False) -
     return mapping
 
 
-def remove_orphan_results(owner_pid: int, creators: set[int], unfinished_only: bool = False) -> list[str]:
+def remove_orphan_results(
+    owner_pid: int, creators: set[int], unfinished_only: bool = False, left: set[int] | None = None
+) -> list[str]:
     """Unlink results written for ``owner_pid`` by the dead processes among
     ``creators`` (a worker killed mid-send: joblib kills busy workers when a
     task fails; a terminated pool's). A pool removes its own workers'
@@ -386,7 +388,8 @@ def remove_orphan_results(owner_pid: int, creators: set[int], unfinished_only: b
     already exited (max_tasks_per_child). Call only when no result of theirs
     can still be claimed -- after the pool's end -- or with
     ``unfinished_only``, where it removes only the results their writer died
-    filling, which no message can name."""
+    filling, which no message can name; ``left`` collects the creators of
+    the finished ones it leaves then."""
     removed = []
     # Only our own files are opened: another user's files named for our pid
     # cost an lstat each, not an open (a DoS amplifier otherwise).
@@ -395,12 +398,11 @@ def remove_orphan_results(owner_pid: int, creators: set[int], unfinished_only: b
         if origin is None:
             continue
         creator, finished = origin
-        if (
-            creator != owner_pid
-            and creator in creators
-            and not (unfinished_only and finished)
-            and not _names.pid_alive(creator)
-        ):
+        if creator != owner_pid and creator in creators and not _names.pid_alive(creator):
+            if unfinished_only and finished:
+                if left is not None:
+                    left.add(creator)
+                continue
             _segment.retire(name)
             removed.append(name)
     return removed

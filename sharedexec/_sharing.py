@@ -293,14 +293,16 @@ def _end_pool_after(
     setattr(cls, name, classmethod(terminate) if isinstance(original, classmethod) else terminate)
 
 
-def remove_results_of(processes: Any, unfinished_only: bool = False) -> None:
+def remove_results_of(processes: Any, unfinished_only: bool = False) -> set[int]:
     """Remove the results written for us by those of a pool's worker
     ``processes`` that have ended, and that nobody can claim any more: all
     of them once the pool has ended, else (``unfinished_only``) those their
-    writer died filling. Never another pool's: their results may be in
-    flight from a worker that already exited (max_tasks_per_child)."""
+    writer died filling -- then return the pids of those whose finished
+    results are left. Never another pool's: their results may be in flight
+    from a worker that already exited (max_tasks_per_child)."""
+    left: set[int] = set()
     if not _reaper.watching():
-        return  # no task of ours went out: no worker wrote a result for us
+        return left  # no task of ours went out: no worker wrote a result for us
     ended = set()
     for process in processes:
         if hasattr(process, "pid"):  # a ThreadPool's workers are threads
@@ -310,13 +312,15 @@ def remove_results_of(processes: Any, unfinished_only: bool = False) -> None:
                 process.join(_REAP_SECONDS)
             if process.exitcode is not None:
                 ended.add(process.pid)
-    _cache.remove_orphan_results(os.getpid(), ended, unfinished_only)
+    _cache.remove_orphan_results(os.getpid(), ended, unfinished_only, left)
+    return left
 
 
 _REAP_SECONDS = 1.0  # a SIGKILLed worker is gone in milliseconds
 
-# The workers a Pool replaced (``_maintain_pool``), by its result queue: the
-# results they sent may wait there until the pool ends.
+# The workers a Pool replaced (``_maintain_pool``) whose results were still
+# there, by its result queue: they may wait there until the pool ends. (Only
+# those: a pool with maxtasksperchild=1 replaces a worker per task.)
 _replaced: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -336,8 +340,8 @@ def _maintain_pool_watching(original: Callable) -> Callable:
         finally:
             gone = [worker for worker in before if worker not in pool and hasattr(worker, "pid")]
             if gone:
-                _replaced.setdefault(outqueue, []).extend(gone)
-                remove_results_of(gone, unfinished_only=True)
+                left = remove_results_of(gone, unfinished_only=True)
+                _replaced.setdefault(outqueue, []).extend(w for w in gone if w.pid in left)
 
     maintain.__sharedexec__ = True
     return maintain

@@ -220,10 +220,12 @@ def test_pool_replacing_its_worker_keeps_queued_segments(monkeypatch):
     assert_memory_comes_back()
 
 
-def test_results_in_flight_when_the_pool_terminates():
+@pytest.mark.parametrize("maxtasksperchild", [None, 1])
+def test_results_in_flight_when_the_pool_terminates(maxtasksperchild):
     """``with Pool()`` left while workers still send large results (imap
-    left early): the results nobody will claim go with the pool."""
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    left early): the results nobody will claim go with the pool -- those of
+    the workers it replaced too (maxtasksperchild)."""
+    with multiprocessing.get_context("fork").Pool(2, maxtasksperchild=maxtasksperchild) as pool:
         results = pool.imap_unordered(tasks.shared_big_result, range(40))
         next(results)
         time.sleep(1.0)  # the workers write more results meanwhile
