@@ -311,6 +311,14 @@ def _find_unshared_reason(asked: str, directory: str) -> str | None:
                 "this Python has no POSIX shared memory (the _posixshmem module). Use a Python "
                 f"built with it, or set {_store.BACKEND_ENV}=tmpfs on Linux."
             )
+        # Another local user can pre-create the lock directory in a shared
+        # /tmp (sticky: its victim cannot remove it). That must cost the victim
+        # its sharing, not its pool (docs/security.md: denial of service falls
+        # back to plain pickling).
+        try:
+            _check_lock_dir(_POSIX.list_dir)
+        except SharedMemoryError as exc:
+            return exc.strerror
         return None
     if not os.path.isdir(directory):
         return (

@@ -105,6 +105,21 @@ def test_a_read_only_shm_falls_back(tmp_path):
     _one_warning(result.stderr, f"{mount} cannot be written")
 
 
+def test_a_lock_directory_another_could_change_falls_back(tmp_path):
+    """The POSIX store's lock directory sits at a predictable path in the
+    temporary directory; one that another user created there first (in a
+    sticky /tmp its victim cannot even remove it) costs the victim sharing,
+    not the pool: tasks go by plain pickling, with one warning saying why."""
+    squatted = tmp_path / f"sharedexec-{os.geteuid()}"
+    squatted.mkdir()
+    squatted.chmod(0o777)  # what another user's mkdir in /tmp would let them do
+    result, report = _entry_points({"SHAREDEXEC_BACKEND": "posix", "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert report["ok"]
+    _one_warning(result.stderr, f"refusing {squatted} for sharedexec's lock files")
+    assert os.listdir(squatted) == []
+
+
 def test_doctor_says_why(reasons, capsys):
     reasons.setenv("SHAREDEXEC_BACKEND", "unshared")
     assert cli.main_doctor([]) == 1
