@@ -131,17 +131,18 @@ def written(obj: Any, write: str) -> tuple[Any, Any, list]:
             WRITES[write](obj)
         except Exception as exc:  # an error is part of what it does: the stdlib's task has it too
             error = (type(exc).__name__, str(exc))
-    if error is not None and _codec._pandas_copies_on_write():
-        # Under Copy-on-Write an in-place operation that fails part-way
-        # (replace on a column it cannot take) leaves a frame whose blocks
-        # another object references (a task's frame's are) as it was, where
-        # the stdlib's task keeps the columns written before the error.
-        return None, error, [(w.category.__name__, str(w.message)) for w in caught]
-    if isinstance(obj, pd.DataFrame):
-        # Under Copy-on-Write pandas copies a written column out of a block
-        # that another object references, where the stdlib's task writes
-        # into the block: same columns, other blocks.
-        obj._consolidate_inplace()
+    if _codec._pandas_copies_on_write():
+        # Under Copy-on-Write pandas copies what a task writes out of blocks
+        # that another object references (a task's frame's are), where the
+        # stdlib's task writes into its blocks in place: same values, other
+        # blocks and memory layout -- and an in-place operation that fails
+        # part-way (replace on a column that cannot take the value) leaves
+        # such a frame as it was, the stdlib's with the columns written
+        # before the error. Compared there: the error, or the values.
+        if error is not None:
+            return None, error, [(w.category.__name__, str(w.message)) for w in caught]
+        columns = [obj.iloc[:, i] for i in range(obj.shape[1])] if obj.ndim == 2 else [obj]
+        obj = (obj.axes, obj.attrs, [(str(c.dtype), c.to_numpy(copy=True)) for c in columns])
     return obj, error, [(w.category.__name__, str(w.message)) for w in caught]
 
 
