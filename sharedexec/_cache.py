@@ -27,6 +27,7 @@ caller's object does.
 from __future__ import annotations
 
 import bisect
+import errno
 import math
 import os
 import threading
@@ -139,9 +140,28 @@ class TaskMemory:
         return True
 
 
+def descriptor_budget() -> int:
+    """How many segments the cache may keep mapped: each holds one
+    descriptor (its flock, see ``_segment.map_fd``), and half the soft
+    ``RLIMIT_NOFILE`` (1024 on many Linux desktops, 256 on macOS) is left to
+    the task and the pool. The soft limit is not raised: see
+    docs/how-it-works.md."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 512
+    return 1 << 20 if soft == resource.RLIM_INFINITY else max(8, soft // 2)
+
+
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
 class WorkerCache:
-    def __init__(self, budget: int | None = None) -> None:
+    def __init__(self, budget: int | None = None, max_entries: int | None = None) -> None:
         self.budget = budget if budget is not None else cache_budget()
+        self.max_entries = max_entries if max_entries is not None else descriptor_budget()
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str, int], _Entry] = OrderedDict()  # by (segment, strings, protocol)
         self._boards: dict[str, _segment.Mapping] = {}
@@ -180,7 +200,17 @@ class WorkerCache:
             if entry is not None:
                 self._entries.move_to_end(key)
         if entry is None:
-            mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
+            try:
+                mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_DESCRIPTORS:
+                    raise
+                # The task's own files, or a lower limit than at start: the
+                # oldest half of the cache gives its descriptors back (an
+                # entry no task holds is unmapped at once), then once more.
+                with self._lock:
+                    self._evict(len(self._entries) // 2)
+                mapping = _segment.attach(handle.name, copy_on_write=False, key=handle.key)
             others: dict[str, _segment.Mapping] = {}
             with _codec.frozen_decode() as decoded:
                 obj = self._read(mapping, copy_on_write=False, others=others)
@@ -240,9 +270,12 @@ class WorkerCache:
             board = self._boards[name] = _segment.attach(name, writable=True, key=key)
         return board
 
-    def _evict(self) -> None:
+    def _evict(self, max_entries: int | None = None) -> None:
+        # Least recently used first, past the byte budget or the descriptor one.
+        if max_entries is None:
+            max_entries = self.max_entries
         total = sum(e.nbytes for e in self._entries.values())
-        while total > self.budget and len(self._entries) > 1:
+        while (total > self.budget or len(self._entries) > max_entries) and len(self._entries) > 1:
             _, entry = self._entries.popitem(last=False)
             total -= entry.nbytes
 
@@ -414,20 +447,66 @@ def claim_result(name: str, key: bytes, protocol: int = 5) -> Any:
     ones are refused, see ``_store``). Other segments its table names are
     someone else's too: privately.
     ``key`` is the writing worker's (``_segment``, Security); ``protocol`` the
-    pickle protocol its message was written with (``_codec.pickled_with``)."""
+    pickle protocol its message was written with (``_codec.pickled_with``).
+
+    While :func:`defer_claims` collects, a result that cannot be read is
+    reported there (and None stands in for it) instead of raised: raised
+    while a pool's result thread reads its queue, the error would break the
+    whole executor (BrokenProcessPool) or end a ``Pool``'s result handler,
+    which reads any OSError as "pipe closed" and leaves ``map`` waiting for
+    ever -- not fail the one task."""
     try:
-        mapping = _segment.attach(name, writable=True, key=key)
-    except SegmentNotFoundError as exc:
-        raise type(exc)(
+        try:
+            mapping = _segment.attach(name, writable=True, key=key)  # (no hold: nobody else maps it)
+            with _codec.pickled_with(protocol):
+                return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key))
+        finally:
+            _segment.retire(name)
+    except Exception as exc:
+        error = _claim_error(name, exc)
+        errors = getattr(_claims, "errors", None)
+        if errors is None:
+            raise error from exc
+        error.__cause__ = exc
+        errors.append(error)
+        return None
+
+
+def _claim_error(name: str, exc: Exception) -> Exception:
+    if isinstance(exc, SegmentNotFoundError):
+        return type(exc)(
             exc.errno,
             f"the result of a task was written to shared-memory segment {name}, which no longer "
             f"exists: it was removed from {_names.shm_dir()} before this process read it. {exc.strerror}",
-        ) from exc
+        )
+    if isinstance(exc, OSError) and exc.errno in _OUT_OF_DESCRIPTORS:
+        return SharedMemoryError(
+            exc.errno,
+            f"cannot read the result of a task from shared-memory segment {name}: this process has no "
+            f"file descriptor left to open it ({_descriptors_in_use()}). Close files or sockets it keeps "
+            "open, or raise the limit (`ulimit -n`, or resource.setrlimit(RLIMIT_NOFILE) in the parent).",
+        )
+    return exc
+
+
+def _descriptors_in_use() -> str:
+    import resource  # wherever there are segments (POSIX)
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     try:
-        with _codec.pickled_with(protocol):
-            return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key))
-    finally:
-        _segment.retire(name)
+        return f"{len(os.listdir('/proc/self/fd'))} open, soft limit {soft}"
+    except OSError:  # no /proc (macOS), or no descriptor to list it with
+        return f"soft limit {soft}"
+
+
+_claims = threading.local()
+
+
+def defer_claims(errors: list[Exception] | None) -> None:
+    """While a result message is being unpickled, collect the errors of its
+    results in ``errors`` instead of raising them (see :func:`claim_result`);
+    ``None`` stops collecting."""
+    _claims.errors = errors
 
 
 def _new_cache_in_child() -> None:

@@ -174,10 +174,50 @@ _IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 try:
-    _madvise_call = ctypes.CDLL(None, use_errno=True).madvise
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _madvise_call = _libc.madvise
     _madvise_call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError, TypeError):  # Windows: no libc to load by None
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+except (OSError, AttributeError, TypeError):  # Windows: no libc to load by None (and no segments)
     _madvise_call = None
+
+
+# -- mappings that keep no descriptor ------------------------------------------
+#
+# ``mmap.mmap`` keeps a dup of the descriptor it maps for as long as the
+# mapping lives (for resize() and size(), which we never call): one
+# descriptor per live segment, result and cached object -- past ``ulimit -n``
+# (1024 on many Linux desktops, 256 on macOS) attach, claim_result and
+# create fail with EMFILE. POSIX needs no open descriptor for a mapping to
+# stay valid, so segments are mapped here through libc, and the mapping
+# lives as long as the buffer object: a process costs a descriptor per
+# segment only where it holds its flock (see Hold). Python 3.13 has this as
+# ``mmap.mmap(..., trackfd=False)``; use it once 3.13 is the minimum.
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_ACCESS = {
+    mmap.ACCESS_READ: (mmap.PROT_READ, mmap.MAP_SHARED),
+    mmap.ACCESS_WRITE: (mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED),
+    mmap.ACCESS_COPY: (mmap.PROT_READ | mmap.PROT_WRITE, getattr(mmap, "MAP_PRIVATE", 0)),
+}
+
+
+def map_fd(fd: int, size: int, access: int = mmap.ACCESS_WRITE) -> memoryview:
+    """``size`` bytes of ``fd`` mapped with ``access`` (as ``mmap.mmap``
+    takes it), as a byte memoryview -- read-only for ACCESS_READ -- that
+    keeps no descriptor: the caller may close ``fd`` at once. The memory is
+    unmapped when the last view of it (numpy arrays over it included) dies."""
+    prot, flags = _ACCESS[access]
+    address = _libc.mmap(None, size, prot, flags, fd, 0)
+    if address in (_MAP_FAILED, None):
+        code = ctypes.get_errno()
+        raise OSError(code, f"cannot map {size} bytes of shared memory: {os.strerror(code)}")
+    memory = (ctypes.c_ubyte * size).from_address(address)
+    # Not at exit: arrays over it may still be read by later exit hooks.
+    weakref.finalize(memory, _libc.munmap, address, size).atexit = False
+    view = memoryview(memory).cast("B")
+    return view.toreadonly() if access == mmap.ACCESS_READ else view
 
 
 def _madvise(address: int, length: int, advice: int) -> None:
@@ -437,14 +477,14 @@ def create(
             os.ftruncate(fd, size)  # once: XNU refuses a second ftruncate of a shm object (see _store)
         except OSError as exc:
             raise _full_error(size, store) if exc.errno in _FULL else exc from None
-        view = memoryview(mmap.mmap(fd, size))
+        view = map_fd(fd, size)
         if not store.writable:
             _fill(fd, view, [(0, memoryview(header))], store)
         placed = [*zip(offsets, buffers), (layout_offset, memoryview(layout))]
         if copied is None or not store.private_maps:
             _fill(fd, view, placed, store)
         else:
-            private = memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+            private = map_fd(fd, size, mmap.ACCESS_COPY)
             sizes = [buf.nbytes for buf in buffers]
 
             def done(i: int) -> None:
@@ -627,7 +667,7 @@ class Hold:
     name: str
     fd: int
     refs: int = 0
-    header: mmap.mmap | None = None  # :func:`hold`'s, to read the state
+    header: memoryview | None = None  # :func:`hold`'s, to read the state (keeps no descriptor)
 
     def state(self) -> int:
         # Through a mapping, not pread: XNU cannot read() a shm object.
@@ -706,7 +746,7 @@ def hold(name: str, directory: str | None = None) -> Hold | None:
             return None  # not a segment: attach says why
         held = _take_hold(store, name, fd)
         if held is not None and held.header is None:
-            held.header = mmap.mmap(fd, ALIGN, access=mmap.ACCESS_READ)
+            held.header = map_fd(fd, ALIGN, mmap.ACCESS_READ)
         return held
     finally:
         os.close(fd)
@@ -761,8 +801,10 @@ def attach(
     Only a segment of ours is mapped (see Security): a regular file of our
     uid, mode 0600, whose header matches its size and whose tag verifies with
     ``key`` (the creator's, from the handle; default: this process's). Never
-    registers the segment anywhere. But for the lease board, the mapping
-    holds the segment's shared flock while it lives."""
+    registers the segment anywhere. A read-only or copy-on-write mapping
+    holds the segment's shared flock while it lives: the one descriptor it
+    costs (see ``map_fd``); a writable one (the lease board, a claimed
+    result) none."""
     store = current_store(directory)
     key = process_key() if key is None else key
     try:
@@ -774,17 +816,16 @@ def attach(
         if size < ALIGN:
             raise SegmentCorruptError(f"segment {name} is truncated: {size} bytes, smaller than its header")
         if copy_on_write and not store.private_maps:
-            mm = _private_copy(fd, size)  # nothing of the segment stays mapped: no hold
+            view = memoryview(_private_copy(fd, size))  # nothing of the segment stays mapped: no hold
         else:
             access = mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-            mm = mmap.mmap(fd, size, access=access)
+            view = map_fd(fd, size, access)
             if not writable:
                 held = _take_hold(store, name, fd)
                 if held is not None:
-                    weakref.finalize(mm, drop_hold, held)
+                    weakref.finalize(view.obj, drop_hold, held)
     finally:
         os.close(fd)
-    view = memoryview(mm)
     magic, version, _, _, total, layout_offset, layout_size, *_, stored_tag = HEADER.unpack_from(view, 0)
     if not store.exact_size and total <= size < total + _PAGE:
         view = view[:total]  # macOS: fstat's size is a whole number of pages
@@ -839,7 +880,7 @@ def private_view(mapping: Mapping) -> memoryview | None:
     try:
         if st.st_size < mapping.size:  # not the segment mapped (a shorter file would SIGBUS)
             return None
-        return memoryview(mmap.mmap(fd, mapping.size, access=mmap.ACCESS_COPY))
+        return map_fd(fd, mapping.size, mmap.ACCESS_COPY)
     except OSError:
         return None
     finally:

@@ -235,12 +235,52 @@ def _chain(previous: Callable | None) -> Callable:
     return reducer_override
 
 
+class _ResultMessage:
+    """A message carrying results, as a worker sends it: its claims' errors
+    are collected while it is unpickled (``_cache.defer_claims``), then put
+    where the pool reports a task's failure."""
+
+    def __init__(self, message: Any):
+        self.message = message
+
+    def __reduce__(self):
+        return _settle, (_ClaimsStart(), self.message)
+
+
+class _ClaimsStart:
+    # Unpickled before the message (the first argument of _settle).
+    def __reduce__(self):
+        return _start_claims, ()
+
+
+def _start_claims() -> list[Exception]:
+    errors: list[Exception] = []
+    _cache.defer_claims(errors)
+    return errors
+
+
+def _settle(errors: list[Exception], message: Any) -> Any:
+    """``message`` as the pool reads it, with the first result that could not
+    be claimed as its task's failure: ``(job, i, (False, error))`` for a
+    ``Pool``, the ``_ResultItem``'s exception for concurrent.futures and loky."""
+    _cache.defer_claims(None)
+    if not errors:
+        return message
+    if isinstance(message, tuple) and len(message) == 3 and isinstance(message[2], tuple) and len(message[2]) == 2:
+        return (*message[:2], (False, errors[0]))
+    if hasattr(message, "exception") and hasattr(message, "result"):
+        message.exception, message.result = errors[0], None
+        return message
+    raise errors[0]
+
+
 def _chain_dump(previous: Callable) -> Callable:
     def dump(self, obj):
         pending = getattr(_results, "pending", None)
         if pending is not None:  # the results of the tasks this thread just ran
             _results.pending = None
             self.sharedexec_result = pending = (*pending, [])
+            obj = _ResultMessage(obj)
         try:
             return previous(self, obj)
         except BaseException:
