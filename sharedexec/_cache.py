@@ -402,13 +402,17 @@ def _resolve(
         return Unresolved(exc)
 
 
-def write_result(obj: Any, owner_pid: int, cloudpickle_fallback: bool = False) -> _segment.Mapping:
+def write_result(
+    obj: Any, owner_pid: int, cloudpickle_fallback: bool = False
+) -> tuple[_segment.Mapping, tuple[int, ...]]:
     """Write a task's result into a new segment owned by ``owner_pid``
-    (``cloudpickle_fallback``: see ``_codec.encode``)."""
-    layout, buffers = _codec.encode(obj, cloudpickle_fallback)
+    (``cloudpickle_fallback``: see ``_codec.encode``); with the numbers of
+    its buffers that a protocol-5 pickle gives back read-only."""
+    read_only: set[int] = set()
+    layout, buffers = _codec.encode(obj, cloudpickle_fallback, read_only=read_only)
     raws = list(map(_codec.raw_view, buffers))
     mapping, _ = _publication.write(layout, raws, list(range(len(raws))), owner_pid)
-    return mapping
+    return mapping, tuple(sorted(read_only))
 
 
 def remove_orphan_results(
@@ -441,13 +445,15 @@ def remove_orphan_results(
     return removed
 
 
-def claim_result(name: str, key: bytes, protocol: int = 5) -> Any:
+def claim_result(name: str, key: bytes, protocol: int = 5, read_only: tuple[int, ...] = ()) -> Any:
     """Map a result writable and unlink it: it is ours alone now (the worker
     that wrote it unmapped it; a shared mapping, so no copy where private
     ones are refused, see ``_store``). Other segments its table names are
     someone else's too: privately.
     ``key`` is the writing worker's (``_segment``, Security); ``protocol`` the
-    pickle protocol its message was written with (``_codec.pickled_with``).
+    pickle protocol its message was written with (``_codec.pickled_with``);
+    ``read_only`` the buffers that pickle would have given read-only (none
+    under protocol 4).
 
     While :func:`defer_claims` collects, a result that cannot be read is
     reported there (and None stands in for it) instead of raised: raised
@@ -459,7 +465,9 @@ def claim_result(name: str, key: bytes, protocol: int = 5) -> Any:
         try:
             mapping = _segment.attach(name, writable=True, key=key)  # (no hold: nobody else maps it)
             with _codec.pickled_with(protocol):
-                return _publication.read(mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key))
+                return _publication.read(
+                    mapping, lambda other: _segment.attach(other, copy_on_write=True, key=key), read_only
+                )
         finally:
             _segment.retire(name)
     except Exception as exc:

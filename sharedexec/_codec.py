@@ -207,7 +207,29 @@ def _reduce_ndarray(arr: np.ndarray, enc: _Encoder):
     raw = arr.view(np.uint8) if _rows_contiguous(arr) else arr.ravel(order="K").view(np.uint8)
     # np.memmap: a pickle gives a memmap with no file (numpy's own reduction).
     memmap = (np.memmap,) if isinstance(arr, np.memmap) else ()
-    return _rebuild_ndarray, (enc.out_of_band(raw), arr.dtype, arr.shape, order, *memmap)
+    number = enc.out_of_band(raw)
+    if not arr.flags.writeable and _pickle5_keeps_read_only(arr) and not _in_read_only_segment(arr):
+        enc.read_only.add(number)
+    return _rebuild_ndarray, (number, arr.dtype, arr.shape, order, *memmap)
+
+
+def _in_read_only_segment(arr: np.ndarray) -> bool:
+    # A view of a segment this process maps read-only (``_segment.map_fd``):
+    # a shared input, writable in a stdlib task. A task passing it through
+    # returns it writable, as there.
+    root = arr
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    return isinstance(root, memoryview) and getattr(root.obj, "sharedexec_read_only", False)
+
+
+def _pickle5_keeps_read_only(arr: np.ndarray) -> bool:
+    # numpy's __reduce_ex__(5) (array_reduce_ex) sends a contiguous array of
+    # exact type as a PickleBuffer: in-band, a read-only one is bytes and
+    # comes back read-only (loky's results). Anything else -- a subclass, a
+    # strided array, datetime64/timedelta64 (no buffer protocol) -- goes by
+    # __reduce__, a copy: writable, as under protocol 4.
+    return type(arr) is np.ndarray and arr.dtype.kind not in "mM" and (arr.flags.c_contiguous or arr.flags.f_contiguous)
 
 
 # Exact types whose equal values are interchangeable: two equal ``str``s are
@@ -393,6 +415,7 @@ class _Encoder(pickle.Pickler):
         self._numbers: dict[tuple, int] = {}  # by _bytes_key
         self.in_band: set[int] = set()  # ids of arrays numpy reduces itself
         self.not_strings: set[int] = set()  # ids of object arrays that are not all strings
+        self.read_only: set[int] = set()  # buffers a protocol-5 pickle would give read-only
 
     def out_of_band(self, data: np.ndarray | pa.Buffer) -> int:
         """The number of ``data`` (a uint8 ndarray, contiguous or 2-D with
@@ -440,6 +463,7 @@ def encode(
     cloudpickle_fallback: bool = False,
     in_shared: Callable[[int, int], bool] | None = None,
     copies: set[tuple[int, int]] | None = None,
+    read_only: set[int] | None = None,
 ) -> tuple[bytes, list[pickle.PickleBuffer]]:
     """``obj`` as (layout, out-of-band buffers). The buffers are views of
     ``obj``'s own memory (or of a contiguous copy, for strided arrays);
@@ -450,6 +474,8 @@ def encode(
     slice) is sent as the bytes it spans, to be found there and not copied;
     a slice of other memory as a compact copy of its own values only, whose
     ``(address, nbytes)`` go into ``copies``: memory nothing else points at.
+    ``read_only`` gets the numbers of the buffers that a pickle of protocol
+    5 would give back read-only (loky's results keep a read-only array so).
 
     The layout is written with plain pickle, or -- when that fails and
     ``cloudpickle_fallback`` says the pool pickles with cloudpickle (loky) --
@@ -463,6 +489,8 @@ def encode(
         except Exception as exc:  # pickle raises TypeError, AttributeError, PicklingError...
             error = exc
             continue
+        if read_only is not None:
+            read_only.update(encoder.read_only)
         return stream.getvalue(), encoder.buffers
     raise UnencodableError(
         f"cannot share this {type(obj).__name__}: part of it cannot be pickled ({error}). Remove "

@@ -51,9 +51,12 @@ def write(
     return mapping, placed
 
 
-def read(mapping: _segment.Mapping, attach: Callable[[str], _segment.Mapping]) -> Any:
+def read(
+    mapping: _segment.Mapping, attach: Callable[[str], _segment.Mapping], read_only: tuple[int, ...] = ()
+) -> Any:
     """Decode the object published in ``mapping``; ``attach(name)`` maps the
-    other segments its table names (with the same access)."""
+    other segments its table names (with the same access). The buffers
+    numbered in ``read_only`` are given read-only whatever the access."""
     try:
         table, layout = pickle.loads(mapping.layout())
     except Exception as exc:
@@ -67,6 +70,9 @@ def read(mapping: _segment.Mapping, attach: Callable[[str], _segment.Mapping]) -
                 f"{target.name}, outside its {target.layout_offset - _segment.ALIGN} bytes of buffers"
             )
         views.append(target.view[offset : offset + nbytes])
+    for number in read_only:
+        if 0 <= number < len(views):
+            views[number] = views[number].toreadonly()
     try:
         return _codec.decode(layout, views)
     except (IndexError, ValueError, EOFError, pickle.UnpicklingError) as exc:

@@ -214,6 +214,9 @@ def map_fd(fd: int, size: int, access: int = mmap.ACCESS_WRITE) -> memoryview:
         code = ctypes.get_errno()
         raise OSError(code, f"cannot map {size} bytes of shared memory: {os.strerror(code)}")
     memory = (ctypes.c_ubyte * size).from_address(address)
+    # Arrays over it are read-only because the memory is shared, not because
+    # a task made them so: _codec sends them back as writable results.
+    memory.sharedexec_read_only = access == mmap.ACCESS_READ
     # Not at exit: arrays over it may still be read by later exit hooks.
     weakref.finalize(memory, _libc.munmap, address, size).atexit = False
     view = memoryview(memory).cast("B")

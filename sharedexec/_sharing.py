@@ -481,7 +481,7 @@ def _reduce_result(pickler, obj: Any):
     if not _codec.is_shareable(obj) or _codec.nbytes(obj) < options.min_bytes:
         return _codec.reduce_writable(obj)
     try:
-        mapping = _cache.write_result(obj, owner_pid, _pickles_functions(pickler))
+        mapping, read_only = _cache.write_result(obj, owner_pid, _pickles_functions(pickler))
     except _codec.UnencodableError:
         return NotImplemented
     except SharedMemoryFullError as exc:
@@ -490,4 +490,7 @@ def _reduce_result(pickler, obj: Any):
         _warn_full_once(exc)
         return NotImplemented
     created.append(mapping.name)
-    return _cache.claim_result, (mapping.name, mapping.key, _protocol(pickler))
+    protocol = _protocol(pickler)
+    # Under protocol 5 numpy keeps a read-only array read-only (loky's
+    # results); under 4 (multiprocessing's default before 3.14) it copies.
+    return _cache.claim_result, (mapping.name, mapping.key, protocol, read_only if protocol >= 5 else ())

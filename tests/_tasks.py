@@ -324,3 +324,29 @@ def kill_when(path: str, frame=None):
 def square_shared(x, frame=None):
     """A decorated task: also given to the executors that share by themselves."""
     return x * x, checksum(frame)
+
+
+def read_only_result(case: str, n: int = 1 << 18):
+    """Results whose flags a pickle decides: numpy keeps a read-only array
+    read-only under protocol 5 only where it sends it as a PickleBuffer."""
+    a = np.arange(n, dtype=np.float64)
+    if case == "frame":
+        a.flags.writeable = False
+        return pd.DataFrame({"a": a}, copy=False)
+    a = {
+        "contiguous": a,
+        "fortran": np.asfortranarray(a.reshape(2, -1)),
+        "strided": a.reshape(2, -1)[:, : n // 4],
+        "datetime": a.astype("M8[ns]"),
+        "writable": a,
+    }[case]
+    if case != "writable":
+        a.flags.writeable = False
+    return a
+
+
+READ_ONLY_CASES = ("contiguous", "fortran", "strided", "datetime", "frame", "writable")
+
+
+def echo(x):
+    return x

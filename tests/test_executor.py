@@ -34,6 +34,7 @@ import sharedexec
 from sharedexec import _names, _registry, _segment
 
 from . import _tasks
+from ._exact import assert_identical
 from ._tasks import block_until, checksum, make_frame, square, touch
 
 EXECUTORS = {"stdlib": cf.ProcessPoolExecutor, "sharedexec": sharedexec.ProcessPoolExecutor}
@@ -417,6 +418,17 @@ def test_large_result_comes_back_writable_and_its_segment_is_gone(kind, no_leaks
     assert arrays and all(_tasks.is_mapped(a) and a.flags.writeable for a in arrays)
     arrays[0][0] = 42  # private: copy-on-write
     assert arrays[0].flat[0] == 42
+
+
+@pytest.mark.parametrize("case", _tasks.READ_ONLY_CASES)
+def test_results_have_the_flags_the_stdlib_gives(case, no_leaks):
+    # multiprocessing pickles with protocol 4 (3.11-3.13): every array
+    # arrives writable, read-only ones too.
+    def result(name: str):
+        with EXECUTORS[name](1, FORK) as ex:
+            return ex.submit(_tasks.read_only_result, case).result()
+
+    assert_identical(result("sharedexec"), result("stdlib"))
 
 
 def test_large_result_that_fails_to_pickle_leaves_nothing(no_leaks):

@@ -30,6 +30,7 @@ from joblib.externals.loky.process_executor import TerminatedWorkerError
 import sharedexec
 
 from . import _sharing_tasks, _tasks
+from ._exact import assert_identical
 from ._tasks import block_until, checksum, make_frame, square, touch
 
 BACKENDS = ["loky", "sharedexec"]
@@ -223,6 +224,23 @@ def test_unpicklable_result(backend, frame):
 def test_results_are_cloudpickled(backend, frame):
     (fn,) = Parallel(n_jobs=2, backend=backend)(delayed(_tasks.return_lambda)(x, frame) for x in range(1))
     assert fn() == 0
+
+
+@pytest.mark.parametrize("case", _tasks.READ_ONLY_CASES)
+def test_results_have_the_flags_loky_gives(case):
+    # loky pickles results with protocol 5, which keeps a read-only
+    # contiguous array read-only; a claimed result used to arrive writable.
+    ref, got = (Parallel(n_jobs=2, backend=b)([delayed(_tasks.read_only_result)(case)])[0] for b in BACKENDS)
+    assert_identical(got, ref)
+
+
+def test_a_shared_input_passed_back_comes_back_writable():
+    # Read-only in the worker only because it is shared (a stdlib task's copy
+    # is writable): not a read-only result. (loky itself memmaps it, so it is
+    # not the reference here.)
+    arr = np.arange(1 << 18, dtype=np.float64)
+    (got,) = Parallel(n_jobs=2, backend="sharedexec")([delayed(_tasks.echo)(arr)])
+    assert got.flags.writeable and np.array_equal(got, arr)
 
 
 # ---------------------------------------------------------------------------------
