@@ -11,12 +11,13 @@ Why our own reducers instead of ``pickle.dumps(df, protocol=5)``: pandas'
 datetime64/timedelta64 ndarrays go in-band because the buffer protocol refuses
 their dtype; pandas 3 builds a frame from its arrays and may consolidate
 (copy) them; ``Series(ndarray)`` infers ``str`` from object arrays; the
-Arrow-backed arrays combine their chunks when pickled. So a pickler subclass
+Arrow-backed arrays are pickled through their ``__dict__``. So a pickler subclass
 intercepts each pandas / numpy object, whatever its subclass (trap 7,
 GeoDataFrame-like classes come back as themselves), and reduces it to its
 parts: a DataFrame to its blocks and their placement, a block to its array, an
 array to its raw bytes. pyarrow pickles its arrays, tables and batches down to
-``pa.Buffer`` objects itself, chunks kept; we take those buffers out of band.
+``pa.Buffer`` objects itself, chunks kept; we take those buffers out of band
+(pandas' Arrow-backed arrays combine theirs first, as their pickle does).
 
 Buffers are numbered by the encoder, not by pickle's ``buffer_callback`` (see
 ``_Encoder``): a decoded array is writable exactly when the memory it is
@@ -346,11 +347,21 @@ def _reduce_masked(arr: BaseMaskedArray, enc: _Encoder):
 
 
 def _reduce_arrow_backed(arr, enc: _Encoder):
-    # pandas' own __getstate__ combines the chunks (a copy): keep them.
     # ``_readonly`` is where the array lives, not what it holds: a decoded
     # array is as writable as its memory (``_Encoder``), as numpy's are.
     state = {k: v for k, v in arr.__dict__.items() if k not in ("_cache", "_readonly")}
     state["_cache"] = {}  # (recomputed; __setitem__ clears it, so it must exist)
+    chunked = state["_pa_array"]
+    if chunked.num_chunks != 1:
+        # pandas' __getstate__ combines the chunks (GH 42600, until
+        # ARROW-10739): a stdlib task gets one chunk -- a frame made by
+        # pd.concat included -- and so does ours. A copy, made when the
+        # object is encoded: once per publication or result, never per task.
+        # A single chunk is sent as it is: a slice of a shared frame stays a
+        # view of the segment.
+        combined = chunked.combine_chunks()
+        enc.copies.update((buf.address, buf.size) for buf in combined.buffers() if buf is not None)
+        state["_pa_array"] = pa.chunked_array([combined], type=chunked.type)
     return _rebuild_from_state, (type(arr), state)
 
 

@@ -1318,3 +1318,23 @@ def test_a_layout_plain_pickle_refuses_is_written_with_cloudpickle_if_the_pool_c
     got = _codec.decode(layout, [memoryview(b.raw()).toreadonly() for b in buffers])
     assert got.attrs["scale"](3) == 6
     pd.testing.assert_frame_equal(got, frame)
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+@pytest.mark.parametrize("as_", ["frame", "series", "index"])
+def test_arrow_backed_chunks_are_combined_as_pandas_pickles_them(pieces, as_):
+    # pd.concat gives an Arrow-backed column the chunks of its pieces; pandas'
+    # pickle (ArrowExtensionArray.__getstate__) sends them combined: a stdlib
+    # task sees one chunk, so must ours.
+    pytest.importorskip("pyarrow")
+    frame = pd.DataFrame({"s": pd.array(list("abcdef"), dtype="string[pyarrow]"), "n": np.arange(6.0)})
+    cuts = np.linspace(0, 6, pieces + 1, dtype=int)
+    obj = pd.concat([frame.iloc[a:b] for a, b in zip(cuts[:-1], cuts[1:])])
+    obj = {"frame": obj, "series": obj["s"], "index": pd.Index(obj["s"].array)}[as_]
+    chunks = {"frame": lambda o: o["s"].array, "series": lambda o: o.array, "index": lambda o: o.array}[as_]
+    assert chunks(obj)._pa_array.num_chunks == pieces
+    expected = pickle.loads(pickle.dumps(obj))
+    got = roundtrip(obj)[0]
+    assert chunks(got)._pa_array.num_chunks == chunks(expected)._pa_array.num_chunks == 1
+    exact.assert_identical(got, expected, mmap_mode="r")

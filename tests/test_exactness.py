@@ -298,8 +298,11 @@ def indexes(draw, n: int) -> pd.Index:
     if kind == "interval":
         return pd.interval_range(0.0, float(n + 1), periods=n, closed=draw(st.sampled_from(["left", "both"])), name=name)
     if kind == "arrow":
-        return pd.Index(pd.array(draw(st.lists(st.none() | st.integers(0, 9), min_size=n, max_size=n)),
-                                 dtype=pd.ArrowDtype(pa.int32())), name=name)
+        values = pd.array(draw(st.lists(st.none() | st.integers(0, 9), min_size=n, max_size=n)), dtype=pd.ArrowDtype(pa.int32()))
+        cut = draw(st.integers(0, n))
+        if draw(st.booleans()):  # in two chunks, as pandas' concatenation makes them
+            values = type(values)._concat_same_type([values[:cut], values[cut:]])
+        return pd.Index(values, name=name)
     first = draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))
     second = draw(st.lists(st.one_of(st.none(), st.text("ab", max_size=2)), min_size=n, max_size=n))
     return pd.MultiIndex.from_arrays([first, second], names=[name, draw(NAMES)])
@@ -321,6 +324,11 @@ def frames(draw, functions: bool = False) -> pd.DataFrame:
     columns = {i: draw(kind(n)) for i, kind in enumerate(kinds)}
     cls = draw(st.sampled_from([pd.DataFrame, tasks.MetaFrame]))
     frame = cls(columns, index=draw(indexes(n)))
+    if draw(st.booleans()):
+        # pd.concat gives each Arrow-backed column the chunks of its pieces
+        # (1 to 3 here), which pandas' pickle combines into one.
+        cuts = sorted(draw(st.lists(st.integers(0, n), max_size=2)))
+        frame = pd.concat([frame.iloc[a:b] for a, b in zip([0, *cuts], [*cuts, n])])
     if draw(st.booleans()):
         frame.columns = draw(indexes(len(kinds)))
     frame.attrs = draw(attrs(functions))
