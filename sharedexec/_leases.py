@@ -39,7 +39,6 @@ reaper, if we are killed).
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import weakref
@@ -50,7 +49,6 @@ import numpy as np
 from . import _segment
 
 BOARD_SLOTS = 1 << 20
-_FREE = re.compile(b"\0")  # a free slot (the board is a buffer, not an mmap: no find())
 NO_SLOT = -1
 # A publication leased this recently stays even once nobody needs it: the
 # next task of the same step usually follows at once, and would copy it again.
@@ -96,9 +94,8 @@ class Board:
 
     def _take(self, base: int) -> tuple[int, int]:
         for start, stop in ((self._cursor, BOARD_SLOTS), (0, self._cursor)):
-            free = _FREE.search(self._mm, base + start, base + stop)  # memchr, as mmap.find
-            if free is not None:
-                pos = free.start()
+            pos = _segment.find_zero(self._mm, base + start, base + stop)
+            if pos >= 0:
                 self._mark = self._mark % 255 + 1
                 self._mm[pos] = self._mark
                 slot = pos - base

@@ -180,6 +180,8 @@ try:
     _libc.mmap.restype = ctypes.c_void_p
     _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _libc.memchr.restype = ctypes.c_void_p
+    _libc.memchr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 except (OSError, AttributeError, TypeError):  # Windows: no libc to load by None (and no segments)
     _madvise_call = None
 
@@ -221,6 +223,16 @@ def map_fd(fd: int, size: int, access: int = mmap.ACCESS_WRITE) -> memoryview:
     weakref.finalize(memory, _libc.munmap, address, size).atexit = False
     view = memoryview(memory).cast("B")
     return view.toreadonly() if access == mmap.ACCESS_READ else view
+
+
+def find_zero(view: memoryview, start: int, stop: int) -> int:
+    """Where the first zero byte of ``view[start:stop]`` is in ``view``, or
+    -1: ``memchr``, what ``mmap.find`` does, for a :func:`map_fd` view."""
+    if stop <= start:
+        return -1
+    base = np.frombuffer(view, dtype=np.uint8).ctypes.data
+    found = _libc.memchr(base + start, 0, stop - start)
+    return -1 if found is None else found - base
 
 
 def _madvise(address: int, length: int, advice: int) -> None:
