@@ -116,7 +116,8 @@ def is_mapped(arr: np.ndarray) -> bool:
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return isinstance(base, mmap.mmap)
+    # A segment's mapping (_segment.map_fd), or a private copy of one (an mmap).
+    return hasattr(base, "sharedexec_read_only") or isinstance(base, mmap.mmap)
 
 
 def numeric_blocks(frame: pd.DataFrame) -> list[np.ndarray]:
