@@ -379,8 +379,8 @@ def scenario_parent_kill(api: str, method: str, statedir: str, workers: str = "2
     df = make_frame(1, 200_000)
     args = [(df, statedir)] * (2 * n)
     ctx = multiprocessing.get_context(method) if method != "loky" else None
-    if api == "executor":
-        with sharedexec.ProcessPoolExecutor(n, mp_context=ctx, min_bytes=MIN_BYTES) as ex:
+    if api in ("executor", "executor-adopt"):  # (adopt: the frame's memory is the segment itself)
+        with sharedexec.ProcessPoolExecutor(n, mp_context=ctx, min_bytes=MIN_BYTES, adopt=api == "executor-adopt") as ex:
             futures = [ex.submit(hold, *a) for a in args]
             [f.result() for f in futures]
     elif api == "pool":

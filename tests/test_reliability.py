@@ -115,6 +115,7 @@ def _parent_kill_cases():
         for method in START_METHODS:
             yield pytest.param(api, method, id=f"{api}-{method}")
     yield pytest.param("joblib", "loky", id="joblib-loky")
+    yield pytest.param("executor-adopt", "forkserver", id="executor-adopt-forkserver")
 
 
 @pytest.mark.parametrize("api, method", list(_parent_kill_cases()))
