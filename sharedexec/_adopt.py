@@ -31,11 +31,11 @@ before encoding and again just before a block moves):
   array object alone must be the block's.) Counted with
   ``sys.getrefcount``: a reference taken by another thread in between is
   the one case left, and it loses no data;
-* Linux, where a private mapping of a tmpfs file sees the bytes the shared
-  mapping writes after it was made (POSIX leaves that unspecified), and the
-  tmpfs store: XNU maps POSIX shared memory shared only, so under
-  ``SHAREDEXEC_BACKEND=posix`` (macOS's store) nothing is adopted
-  (``_segment.create`` never reports a copy there).
+* Linux, where a private mapping of a tmpfs file sees the bytes written to
+  the file after it was made, until it writes a page itself (POSIX leaves
+  that unspecified), and the tmpfs store: XNU maps POSIX shared memory
+  shared only, so under ``SHAREDEXEC_BACKEND=posix`` (macOS's store) nothing
+  is adopted (``_segment.create`` never reports a copy there).
 
 Anything else -- object columns, an Index, a bare ndarray or Arrow object
 (whose buffer cannot be swapped under its holder), a subclass's own storage
