@@ -16,7 +16,9 @@ arrays stay writable; a write that goes around pandas' Copy-on-Write
 the parent's own memory before, and the workers keep reading the copy made
 at publication (the snapshot rule, docs/semantics.md). Writes through pandas
 copy the written block first (the publication's ``write_guard``), and that
-block alone is published (and adopted) again.
+block alone is published (and adopted) again. The guard is taken before the
+copy starts: a block written meanwhile (another thread) is a copy the frame
+holds in place of the guarded one, and keeps its memory (:class:`Adoption`).
 
 Only where nothing else can see the difference (:func:`_movable`, checked
 before encoding and again just before a block moves):
@@ -47,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import pickle
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -86,10 +89,11 @@ _BASE = _holders(_probe.value) - 1  # this interpreter's count for one holder
 del _probe
 
 
-def _sole(holder: Any, name: str) -> bool:
-    """Whether ``holder.name`` is a numpy array held by ``holder`` alone whose
-    memory numpy allocated and nothing else references."""
-    if not isinstance(getattr(holder, name, None), np.ndarray) or _holders(getattr(holder, name)) != 1:
+def _sole(holder: Any, name: str, ours: int = 0) -> bool:
+    """Whether ``holder.name`` is a numpy array held by ``holder`` alone (and
+    ``ours`` references of ours) whose memory numpy allocated and nothing else
+    references."""
+    if not isinstance(getattr(holder, name, None), np.ndarray) or _holders(getattr(holder, name)) != 1 + ours:
         return False
     arr = getattr(holder, name)
     if type(arr) is not np.ndarray or not arr.nbytes or not (arr.flags.c_contiguous or arr.flags.f_contiguous):
@@ -116,14 +120,16 @@ def _numpy_parts(values: Any) -> list[str] | None:
     return None
 
 
-def _movable(blk: Any) -> bool:
+def _movable(blk: Any, ours: int) -> bool:
     """Whether re-pointing ``blk`` at other memory is invisible: see the
-    module docstring. Called with our own references to its memory gone."""
+    module docstring. Called with our own references to its memory gone but
+    ``ours`` references to its array (the write guard's block, the
+    fingerprint), which move with it."""
     values = blk.values
     if isinstance(values, np.ndarray):
         del values
-        return values_dtype_ok(blk.values) and _sole(blk, "values")
-    if _holders(blk.values) != 2:  # the block's, and ``values`` here
+        return values_dtype_ok(blk.values) and _sole(blk, "values", ours)
+    if _holders(blk.values) != 2 + ours:  # the block's, ours, and ``values`` here
         return False
     if ArrowExtensionArray and isinstance(values, ArrowExtensionArray):
         return True
@@ -199,25 +205,44 @@ def _moved(values: Any, views: dict[Key, memoryview]) -> Any:
 _MEMORY_ATTRS = frozenset({"_data", "_mask", "_pa_array"})
 
 
+@dataclass(slots=True)
+class _Block:
+    blk: Any  # the frame's block
+    guarded: Any  # the write guard's block over the same array
+    slot: int | None  # where the fingerprint's identities hold that array
+
+
 class Adoption:
     """The blocks of one frame that move to its segment as it is written.
 
-    Made before the frame is encoded (references are counted then); the
-    registry then says which buffers are new in the segment (:meth:`expect`),
-    drops its own references to a block's memory when :meth:`needs` says so,
-    and reports each buffer copied (:meth:`copied`)."""
+    Made before the frame is encoded (references are counted then), after
+    its ``guard`` (``_codec.write_guard``) and the identities of its
+    fingerprint (``idents``, a list) were taken; the registry then says which
+    buffers are new in the segment (:meth:`expect`), drops its own references
+    to a block's memory when :meth:`needs` says so, and reports each buffer
+    copied (:meth:`copied`). A block moves only while it is still the guarded
+    one: a write made meanwhile (another thread) gave the frame a copy of it
+    (pandas copies a referenced block) which must keep the write. The
+    guard's block and ``idents`` follow a block that moves."""
 
-    def __init__(self, obj: Any) -> None:
-        self.blocks: list[tuple[Any, list[Key]]] = []
+    def __init__(self, obj: Any, guard: Any, idents: list) -> None:
+        self.blocks: list[tuple[_Block, list[Key]]] = []
         self.moved: list[tuple[Key, memoryview]] = []  # each moved buffer: its key, its private view
         self._views: dict[Key, memoryview] = {}
         self._needed: set[Key] = set()
         self._unreturned = 0  # bytes freed since the last give_back()
-        if not SUPPORTED or not isinstance(obj, (pd.DataFrame, pd.Series)) or _codec.write_guard(obj) is None:
+        self._idents = idents
+        if not SUPPORTED or not isinstance(obj, (pd.DataFrame, pd.Series)) or guard is None:
             return
-        for blk in obj._mgr.blocks:
-            if _movable(blk):
-                self.blocks.append((blk, _keys(blk.values)))
+        slots = {id(x): i for i, x in enumerate(idents)}
+        for blk, guarded in zip(obj._mgr.blocks, guard._mgr.blocks):
+            # The array itself rather than pandas' view of it: one reference
+            # of ours to count, and none to the memory under it. (The guard
+            # guards by its block, registered in ``blk.refs``.)
+            guarded.values = blk.values
+            block = _Block(blk, guarded, slots.get(id(blk.values)))
+            if self._ours(block) is not None:
+                self.blocks.append((block, _keys(blk.values)))
 
     def done(self) -> None:
         """After the last buffer: what was freed goes back to the system."""
@@ -250,11 +275,27 @@ class Adoption:
                 waiting.append((blk, keys))
         self.blocks = waiting
 
-    def _move(self, blk: Any, keys: list[Key]) -> None:
-        if not _movable(blk):  # another reference appeared meanwhile
+    def _ours(self, block: _Block) -> int | None:
+        """Our references to the block's array if it may move, else None."""
+        blk, slot = block.blk, block.slot
+        if block.guarded.values is not blk.values:  # written since the guard was taken
+            return None
+        ours = 1 + (slot is not None and self._idents[slot] is blk.values)
+        return ours if _movable(blk, ours) else None  # (another reference appeared meanwhile)
+
+    def _move(self, block: _Block, keys: list[Key]) -> None:
+        if self._ours(block) is None:
             return
+        blk, guarded, slot = block.blk, block.guarded, block.slot
         views = {k: self._views[k] for k in keys}
-        blk.values = _moved(blk.values, views)
+        new = _moved(blk.values, views)
+        # Checked again next to the swap: pandas may have given the block a
+        # written copy of its array while ``new`` was built (``set_inplace``).
+        if guarded.values is not blk.values:
+            return
+        if slot is not None and self._idents[slot] is blk.values:
+            self._idents[slot] = new
+        blk.values = guarded.values = new
         _codec.note_block_write()
         self.moved.extend(views.items())
         self._unreturned += sum(view.nbytes for view in views.values())

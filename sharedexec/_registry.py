@@ -192,8 +192,16 @@ class Registry:
             if self._board is None:  # first, so that a full directory fails here, not in lease()
                 self._board = _leases.Board(self.pid)
             self._start_collector()
+            # The write guard and the fingerprint before the copy: a write
+            # made while it runs (another thread) then replaces the block
+            # it writes (pandas copies a referenced block), and the next
+            # find() sees it. Taken after, that write went in place into
+            # memory already copied, under identities that still matched.
+            guard = _codec.write_guard(obj)
+            idents, values = _codec.fingerprint(obj)
+            idents = list(idents)  # adoption re-points some
             # Counted before encoding, which takes references to the memory.
-            adoption = _adopt.Adoption(obj) if adopt else None
+            adoption = _adopt.Adoption(obj, guard, idents) if adopt else None
             copies: set[tuple[int, int]] = set()  # compacted slices: not worth remembering
             layout, buffers = _codec.encode(obj, cloudpickle_fallback, self._in_shared, copies)
             unchanging = _codec.unchanging_memory(obj)
@@ -227,7 +235,7 @@ class Registry:
                     adoption.copied(new_keys[i], view)
 
             mapping, placed = _publication.write(layout, new, refs, self.pid, on_copied)
-            pub = Publication(mapping, nbytes, depends, _codec.fingerprint(obj))
+            pub = Publication(mapping, nbytes, depends, (tuple(idents), values))
             for dep in depends:
                 dep.dependents += 1
             self.counters["publications"] += 1
@@ -251,7 +259,7 @@ class Registry:
             self._add_range(pub)
             self._bind(pub, obj)
             pub.shared = id(obj) in self._shared_ids  # a share()d object written in place
-            pub.guard = _codec.write_guard(obj)
+            pub.guard = guard
             log.debug(
                 "published %s %s as %s: %s copied, %s reused from %d segment(s)",
                 type(obj).__name__, getattr(obj, "shape", ""), pub.name,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 import sharedexec
-from sharedexec import _names, _registry, _segment, _store
+from sharedexec import _names, _publication, _registry, _segment, _store
 
 from ._tasks import make_frame
 from .xnu import xnu_emulation
@@ -141,3 +141,26 @@ def no_leaks():
 def _session_leak_check():
     yield
     assert leaked_segments() == [], "sx_ segments leaked by the test session"
+
+
+def write_while_copying(monkeypatch, write, adopt: bool) -> None:
+    """Make ``write`` run during the next publication's copy, as another
+    thread's would: once the bytes are in the segment (under adoption: once
+    the first buffer is, before its block moves)."""
+    real = _publication.write
+
+    def writing(layout, new, refs, pid, copied=None):
+        if not adopt:
+            placed = real(layout, new, refs, pid, copied)
+            write()
+            return placed
+
+        def copied_then_write(i, view):
+            if not done:
+                done.append(write())
+            copied(i, view)
+
+        done = []
+        return real(layout, new, refs, pid, copied_then_write)
+
+    monkeypatch.setattr(_publication, "write", writing)

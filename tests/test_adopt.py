@@ -19,12 +19,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sharedexec
-from sharedexec import _adopt, _codec, _registry, _segment
+from sharedexec import _adopt, _codec, _publication, _registry, _segment
 
 from . import _lifetime_tasks as tasks
 from ._exact import assert_identical
 from ._tasks import wait_until
-from .conftest import BACKEND, leaked_segments
+from .conftest import BACKEND, leaked_segments, write_while_copying
 
 pytestmark = [
     pytest.mark.skipif(not _codec._pandas_copies_on_write(), reason="needs pandas Copy-on-Write"),
@@ -352,3 +352,16 @@ def test_share_adopting_returns_the_frame_itself_now_in_shared_memory(mp_context
     queue.put(twin)
     assert_identical(queue.get(timeout=60).head(3), queue.get(timeout=60).head(3))
     assert _registry.REGISTRY.shared_publication(df).adopted
+
+
+def test_a_write_during_the_copy_stays_in_the_frame(registry, monkeypatch):
+    """Another thread's write into a block already copied, before it moves:
+    the block is not the guarded one any more; the frame keeps the write, and
+    the next publication sends it."""
+    df = mixed_frame()
+    write_while_copying(monkeypatch, lambda: df.loc.__setitem__((0, "f"), 7.0), adopt=True)
+    first = registry.publish(df, adopt=True)
+    monkeypatch.undo()
+    assert df.loc[0, "f"] == 7.0
+    second = registry.publish(df, adopt=True)
+    assert second is not first and _publication.read(second.mapping, lambda name: registry._by_name[name].mapping).loc[0, "f"] == 7.0

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import sharedexec
 from sharedexec import _publication, _registry, _segment
 
-from .conftest import owned_segments
+from .conftest import owned_segments, write_while_copying
 
 # Derived frames reuse their parent's blocks through pandas' copy-on-write.
 needs_copy_on_write = pytest.mark.skipif(int(pd.__version__.split(".")[0]) < 3, reason="pandas < 3: no copy-on-write")
@@ -60,6 +60,19 @@ def test_structural_change_republishes(registry, change):
     change(df)
     second = registry.publish(df)
     assert second is not first and registry.counters["publications"] == 2
+
+
+@needs_copy_on_write
+def test_a_write_during_the_first_copy_is_seen_by_the_next_task(registry, monkeypatch):
+    """Another thread's write while a frame is copied for the first time: the
+    next publication sends it, as a stdlib worker gets it (the write guard
+    and the identities are taken before the copy)."""
+    df = frame()
+    write_while_copying(monkeypatch, lambda: df.loc.__setitem__((0, "a"), 7.0), adopt=False)
+    first = registry.publish(df)
+    monkeypatch.undo()
+    second = registry.publish(df)
+    assert second is not first and _decoded(registry, second).loc[0, "a"] == 7.0
 
 
 @pytest.mark.parametrize(
