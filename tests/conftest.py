@@ -47,6 +47,12 @@ settings.load_profile("ci")
 #: The store this run uses (``.ci/run`` runs the suite once per store, and the
 #: conformance cases once more with sharing turned off).
 BACKEND = os.environ.get("SHAREDEXEC_BACKEND") or _store.default_backend()
+#: ``writable`` parameters of the tests that force a store to be filled with
+#: ``pwrite`` or through its mapping: not the first under POSIX shared memory,
+#: where XNU refuses write(2) on a shm object (the POSIX run emulates it).
+WRITABLE = [pytest.param(True, id="pwrite", marks=pytest.mark.skipif(
+    BACKEND == "posix", reason="XNU refuses write(2) on POSIX shared memory (emulated in this run)")),
+    pytest.param(False, id="mapping")]
 #: Fixtures that mark a conformance case: the same scenario against the stdlib
 #: (or loky) and sharedexec, expecting the same outcome.
 CONFORMANCE_FIXTURES = {"executor_cls", "warm_pool", "backend"}

@@ -13,6 +13,8 @@ import pytest
 from sharedexec import SharedMemoryFullError, _names, _segment, _store
 from sharedexec._errors import SegmentCorruptError, SegmentNotFoundError, SharedMemoryError
 
+from .conftest import WRITABLE
+
 
 @pytest.fixture
 def segment():
@@ -125,7 +127,7 @@ def test_file_backed_directory(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "mapping"])
+@pytest.mark.parametrize("writable", WRITABLE)
 @pytest.mark.parametrize("total", [1000, 200 << 20])  # through a mapping: one thread, then two
 def test_create_copies_buffers_and_layout(monkeypatch, total, writable):
     monkeypatch.setattr(_store.TmpfsStore, "writable", writable)
@@ -143,7 +145,7 @@ def test_create_copies_buffers_and_layout(monkeypatch, total, writable):
         _segment.retire(mapping.name)
 
 
-@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "mapping"])
+@pytest.mark.parametrize("writable", WRITABLE)
 @pytest.mark.parametrize("short", [False, True], ids=["whole", "short-writes"])
 def test_rows_of_a_strided_buffer_land_in_c_order(monkeypatch, writable, short):
     """A 2-D buffer with contiguous rows (a row slice of a block) is written

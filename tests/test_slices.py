@@ -27,6 +27,7 @@ from sharedexec._sharing import Options, SharedTask, install_hooks
 
 from . import _exact as exact
 from . import _sharing_tasks as tasks
+from .conftest import WRITABLE
 
 pa = pytest.importorskip("pyarrow")
 install_hooks()
@@ -140,7 +141,7 @@ def test_a_slice_of_a_frame_never_published_copies_its_own_bytes(registry, make,
     exact.assert_identical(got, stdlib(piece), mmap_mode="r")
 
 
-@pytest.mark.parametrize("writable", [True, False], ids=["pwrite", "mapping"])
+@pytest.mark.parametrize("writable", WRITABLE)
 def test_rows_of_a_block_go_into_the_segment_without_a_compact_copy(registry, monkeypatch, writable):
     """The rows of a 2-D block slice (``df.iloc[a:b]`` of a frame never
     published) are one buffer whose rows are written one after another
