@@ -171,6 +171,8 @@ def tag(key: bytes, name: str, header: memoryview | bytes, layout: memoryview | 
 _PARALLEL_COPY_BYTES = 64 << 20
 _COPY_CHUNK = 64 << 20
 _IOV_MAX = 1024  # buffers per pwritev call (Linux's UIO_MAXIOV)
+_ROW_BY_ROW_BYTES = 64 << 10  # rows of a block slice shorter than this are compacted in chunks first
+_SCRATCH_BYTES = 16 << 20  # the chunk
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 try:
@@ -1069,12 +1071,28 @@ def _fill(
 
 def _write_all(fd: int, source: memoryview, offset: int, size: int, store) -> None:
     """``pwrite`` all of ``source`` at ``offset``: its bytes in C order (a
-    2-D view with contiguous rows, row after row), at most ``_COPY_CHUNK``
+    2-D view with contiguous rows, row after row; rows shorter than
+    ``_ROW_BY_ROW_BYTES`` compacted ``_SCRATCH_BYTES`` at a time), at most ``_COPY_CHUNK``
     bytes and ``_IOV_MAX`` pieces a call; a short write -- a signal, a full
     file system -- goes on where it stopped."""
     if not source.nbytes:
         return
-    rows = [source.cast("B")] if source.c_contiguous else list(np.asarray(source))
+    if source.c_contiguous:
+        rows = [source.cast("B")]
+    elif source.shape[1] < _ROW_BY_ROW_BYTES:
+        # Short rows (``X[:, :2]`` of a tall (N, 4) array: N rows of 16
+        # bytes) cost more as an iovec each than as a copy: compacted a
+        # chunk at a time into one scratch buffer (bounded extra memory).
+        whole = np.asarray(source)
+        per = max(1, _SCRATCH_BYTES // whole.shape[1])
+        scratch = np.empty((min(per, len(whole)), whole.shape[1]), np.uint8)
+        for start in range(0, len(whole), per):
+            part = scratch[: len(whole[start : start + per])]
+            np.copyto(part, whole[start : start + per])
+            _write_all(fd, memoryview(part).cast("B"), offset + start * whole.shape[1], size, store)
+        return
+    else:
+        rows = list(np.asarray(source))
     pieces = deque(
         memoryview(row)[start : start + _COPY_CHUNK] for row in rows for start in range(0, len(row), _COPY_CHUNK)
     )
