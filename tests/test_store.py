@@ -106,7 +106,7 @@ def test_an_object_without_a_file_type_is_ours(xnu):
     assert os.fstat(fd).st_mode == 0o600  # the emulation: no type at all
     os.close(fd)
     assert bytes(_segment.attach(mapping.name).layout()) == b"layout"
-    assert _segment.creator_of(mapping.name) == os.getpid()
+    assert _segment.creator_of(mapping.name)[0] == os.getpid()
     assert _segment.retire(mapping.name) and not exists(mapping.name)
     again = _segment.create([], b"", os.getpid())
     assert _store.PosixStore().remove_if_mine(again.name) and not exists(again.name)
@@ -201,12 +201,12 @@ def test_orphan_results_are_found_without_listing_dev_shm(xnu):
     xnu.setattr(os, "scandir", scandir)
     child = subprocess.run(
         [sys.executable, "-c", "import os, sys; from sharedexec import _segment; "
-         "print(_segment.create([], b'', int(sys.argv[1])).name)", str(os.getpid())],
+         "print(_segment.create([], b'', int(sys.argv[1])).name, os.getpid())", str(os.getpid())],
         env=scripts.child_env(SHAREDEXEC_BACKEND="posix"), capture_output=True, text=True, timeout=60, check=True,
     )
-    orphan = child.stdout.strip()
+    orphan, creator = child.stdout.split()
     assert exists(orphan)
-    assert _cache.remove_orphan_results(os.getpid()) == [orphan]
+    assert _cache.remove_orphan_results(os.getpid(), {int(creator)}) == [orphan]
     assert not exists(orphan)
 
 
