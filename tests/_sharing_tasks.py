@@ -34,7 +34,9 @@ def _in_segment(arr) -> bool:
     base = arr
     while getattr(base, "base", None) is not None:
         base = base.base
-    return isinstance(base, memoryview) or type(base).__name__ == "mmap"
+    # _segment.map_fd's memory is a ctypes array, which numpy 1.x gives as
+    # the base itself (numpy 2: a memoryview of it).
+    return isinstance(base, memoryview) or hasattr(base, "sharedexec_read_only") or type(base).__name__ == "mmap"
 
 
 def cache_names(_=None):

@@ -958,8 +958,9 @@ def test_task_view_of_a_cached_frame_copies_no_bytes():
     assert all(arr.flags.writeable for arr in _arrays_of(view))
     assert not any(np.shares_memory(mine, theirs) for mine in _arrays_of(view) for theirs in _arrays_of(cached))
     if _segment.current_store().private_maps:  # (else copies: POSIX shared memory, to XNU's rules)
-        private = {_mapped_by(arr) for arr in _arrays_of(view) if arr.dtype != object}
-        assert len(private) == 1 and hasattr(*private, "sharedexec_read_only")  # one mapping (_segment.map_fd)
+        # (by id: a ctypes array, what _segment.map_fd maps into, has no hash)
+        private = {id(_mapped_by(arr)): _mapped_by(arr) for arr in _arrays_of(view) if arr.dtype != object}
+        assert len(private) == 1 and hasattr(*private.values(), "sharedexec_read_only")  # one mapping
 
 
 @pytest.mark.skipif(not PANDAS_3, reason="extension arrays have no read-only flag before pandas 3")
