@@ -26,8 +26,18 @@ from . import _tasks
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def segment_fds(mappings) -> int:
+    """How many of this process's descriptors are open on these segments
+    (a POSIX segment's hold is on its lock file, named after it)."""
+    names = {m.name for m in mappings}
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own, another thread's)
+            continue
+        count += os.path.basename(target).split(" ")[0] in names  # (" (deleted)" once unlinked)
+    return count
 
 
 @contextlib.contextmanager
@@ -41,19 +51,19 @@ def soft_fd_limit(n: int):
 
 
 def test_a_mapping_costs_its_hold_only_and_a_writable_one_nothing(no_leaks):
-    _segment.retire(_segment.create([], b"", os.getpid()).name)  # (the first one starts the reaper: a pipe)
-    before = open_fds()
     created = [_segment.create([memoryview(np.arange(1000.0))], b"", os.getpid()) for _ in range(20)]
-    assert open_fds() == before  # the creator's mappings keep no descriptor
-    attached = [_segment.attach(m.name) for m in created for _ in range(2)]
-    assert open_fds() == before + 20  # one flock per segment, however often it is mapped
-    claimed = [_segment.attach(m.name, writable=True) for m in created]  # as claim_result maps a result
-    assert open_fds() == before + 20
-    assert all(bytes(c.view) == bytes(m.view) for c, m in zip(claimed, created))
-    del attached
-    assert open_fds() == before  # the flock goes with the last mapping
-    for m in created:
-        _segment.retire(m.name)
+    try:
+        assert segment_fds(created) == 0  # the creator's mappings keep no descriptor
+        attached = [_segment.attach(m.name) for m in created for _ in range(2)]
+        assert segment_fds(created) == 20  # one flock per segment, however often it is mapped
+        claimed = [_segment.attach(m.name, writable=True) for m in created]  # as claim_result maps a result
+        assert segment_fds(created) == 20
+        assert all(bytes(c.view) == bytes(m.view) for c, m in zip(claimed, created))
+        del attached
+        assert segment_fds(created) == 0  # the flock goes with the last mapping
+    finally:
+        for m in created:
+            _segment.retire(m.name)
 
 
 def test_live_results_cost_no_descriptor(mp_context, no_leaks):
