@@ -162,6 +162,6 @@ def send_a_result(owner: int, conn) -> None:
     sends its name and exits before ``owner`` claims it."""
     from sharedexec import _cache
 
-    mapping = _cache.write_result(np.arange(200_000, dtype=np.float64), owner)
+    mapping, _ = _cache.write_result(np.arange(200_000, dtype=np.float64), owner)
     conn.send((mapping.name, mapping.key))
     conn.close()
