@@ -218,10 +218,12 @@ def _in_read_only_segment(arr: np.ndarray) -> bool:
     # A view of a segment this process maps read-only (``_segment.map_fd``):
     # a shared input, writable in a stdlib task. A task passing it through
     # returns it writable, as there.
+    # (np.frombuffer keeps the memoryview as the base, np.ndarray(buffer=)
+    # -- _rebuild_strided -- the object under it.)
     root = arr
     while isinstance(root, np.ndarray) and root.base is not None:
         root = root.base
-    return isinstance(root, memoryview) and getattr(root.obj, "sharedexec_read_only", False)
+    return getattr(root.obj if isinstance(root, memoryview) else root, "sharedexec_read_only", False)
 
 
 def _pickle5_keeps_read_only(arr: np.ndarray) -> bool:
