@@ -937,6 +937,10 @@ def retire(name: str, directory: str | None = None) -> bool:
     caller is a sweep or a clean-up that must go on."""
     try:
         store = current_store(directory)
+    except SharedMemoryError as exc:  # $SHAREDEXEC_BACKEND changed under us: the exit sweep has it
+        log.debug("not retiring %s: %s", name, exc.strerror)
+        return False
+    try:
         # O_RDWR, not O_WRONLY: macOS's shm_open takes no O_WRONLY.
         fd, st = _open_own(store, name, os.O_RDWR, strict=False)
     except SegmentNotOursError as exc:  # our segment is gone: something else has its name

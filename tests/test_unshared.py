@@ -49,6 +49,14 @@ def test_the_reason_says_why_and_what_to_do(reasons, env, expected):
     assert reason is not None and expected in reason
 
 
+def test_retiring_under_an_unusable_backend_is_no_error(reasons):
+    """A sweep (the collector, exit) that runs while $SHAREDEXEC_BACKEND
+    names no usable store goes on: it used to raise UnboundLocalError in the
+    collector thread, which then died."""
+    reasons.setenv("SHAREDEXEC_BACKEND", "shm")
+    assert _segment.retire("sx_1_0123456789abcdef") is False
+
+
 def test_a_platform_without_a_mechanism_is_unshared(reasons):
     reasons.delenv("SHAREDEXEC_BACKEND", raising=False)
     reasons.setattr(_store, "default_backend", lambda: "unshared")
